@@ -18,9 +18,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
 
+    // Messages that carry a full card number or a CVV get a hand-written,
+    // masking Debug (src/api/debug.rs) instead of the derived one.
+    let secret_messages = [
+        ".vcn.v1.IssueCardRequest",
+        ".vcn.v1.IssueCardResponse",
+        ".vcn.v1.AuthorizeRequest",
+        ".vcn.v1.AuthorizeResponse",
+        ".vcn.v1.DetokenizeRequest",
+        ".vcn.v1.DetokenizeResponse",
+    ];
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .skip_debug(secret_messages)
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -1,1 +1,18 @@
+//! vcn: single-use virtual card numbers.
+//!
+//! The rooms, from the inside out:
+//! - [`domain`]: the pure core (card numbers, money, policy, the decision);
+//! - [`vault`]: keys, envelope encryption and keyed-hash indexes over a small
+//!   storage trait, with sled as the embedded engine;
+//! - [`api`]: the thin gRPC layer (decode, authenticate, call the vault, map
+//!   errors to `tonic::Status` in one place);
+//! - [`server`], [`config`], [`clients`]: running it;
+//! - [`cli`]: the `vcn` command line.
+
+pub mod api;
+pub mod cli;
+pub mod clients;
+pub mod config;
 pub mod domain;
+pub mod server;
+pub mod vault;

@@ -1,0 +1,896 @@
+//! The vault: cards, their sealed numbers and their transactions, over a
+//! [`Store`]. Every operation that changes a card runs inside one
+//! [`Store::update`], so it is atomic, isolated per card and durable before
+//! it returns.
+
+pub mod crypto;
+pub mod keyfile;
+pub mod records;
+pub mod sled_store;
+pub mod store;
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::domain::card::{ChangeError, PolicyBounds, PolicyInput};
+use crate::domain::decision::{self, Attempt, ResponseCode};
+use crate::domain::number::NumberPlan;
+use crate::domain::{Card, CardId, CardPolicy, CardState, Cvv, Expiry, FieldError, Mcc, MerchantId, Money, Owner, Pan};
+use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
+use crate::vault::records::{
+    card_key, decode, funding_key, idempotency_key, owner_key, owner_prefix, pan_key, reversal_key, txn_key,
+    CardRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
+};
+pub use crate::vault::store::{Store, StoreError, Write};
+
+/// Everything that can go wrong in a vault operation, by what the caller
+/// should do about it. The gRPC layer maps each to one status code.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum VaultError {
+    #[error("{0}")]
+    InvalidArgument(FieldError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => VaultError::Unavailable(m),
+            StoreError::Corrupt(m) => VaultError::Internal(m),
+        }
+    }
+}
+
+impl From<FieldError> for VaultError {
+    fn from(e: FieldError) -> Self {
+        VaultError::InvalidArgument(e)
+    }
+}
+
+impl From<ChangeError> for VaultError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Field(f) => VaultError::InvalidArgument(f),
+            state => VaultError::FailedPrecondition(state.to_string()),
+        }
+    }
+}
+
+fn crypto_error(card_id: &str) -> impl Fn(CryptoError) -> VaultError + '_ {
+    move |e| {
+        tracing::error!(card_id, error = %e, "a sealed card number failed to open");
+        VaultError::Internal(format!("the sealed numbers of card {card_id} cannot be opened"))
+    }
+}
+
+/// The vault's settings (from the service configuration).
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub plan: NumberPlan,
+    pub bounds: PolicyBounds,
+    /// Wrong CVVs or expiries in a row that block a card.
+    pub max_failed_verifications: u32,
+}
+
+/// Where the vault gets the time: the system clock in service, a fixed or
+/// moving one in tests.
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        let now = OffsetDateTime::now_utc();
+        now.replace_nanosecond(0).unwrap_or(now)
+    })
+}
+
+/// Who is asking: any owner (the bank's app, admins) or one owner (a
+/// cardholder's widget). Another owner's card is simply not found.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Any,
+    Owner(&'a Owner),
+}
+
+impl Scope<'_> {
+    fn allows(&self, owner: &Owner) -> bool {
+        match self {
+            Scope::Any => true,
+            Scope::Owner(o) => *o == owner,
+        }
+    }
+}
+
+/// A request for a new card, parsed.
+#[derive(Debug)]
+pub struct IssueRequest {
+    pub funding_pan: Pan,
+    pub owner: Owner,
+    pub policy: PolicyInput,
+    pub idempotency_key: Option<String>,
+}
+
+/// A new card with its number and CVV: the only time they leave the vault.
+#[derive(Debug)]
+pub struct IssuedCard {
+    pub card: Card,
+    pub pan: Pan,
+    pub cvv: Cvv,
+    /// True when an idempotency key returned a card issued earlier.
+    pub replayed: bool,
+}
+
+/// The card number of an authorisation: a valid one, or digits that fail
+/// the Luhn check (answered 14, but still part of the retry fingerprint).
+pub enum Presented {
+    Pan(Pan),
+    BadLuhn(zeroize::Zeroizing<String>),
+}
+
+impl Presented {
+    fn digits(&self) -> &str {
+        match self {
+            Presented::Pan(p) => p.expose(),
+            Presented::BadLuhn(s) => s,
+        }
+    }
+
+    fn masked(&self) -> String {
+        crate::domain::pan::mask(self.digits())
+    }
+}
+
+impl std::fmt::Debug for Presented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Presented({})", self.masked())
+    }
+}
+
+/// An authorisation request, parsed.
+#[derive(Debug)]
+pub struct AuthorizeRequest {
+    pub transaction_id: String,
+    pub pan: Presented,
+    pub expiry: Expiry,
+    pub cvv: Cvv,
+    pub amount: Money,
+    pub merchant_id: Option<MerchantId>,
+    pub mcc: Option<Mcc>,
+}
+
+/// The answer to an authorisation.
+#[derive(Debug)]
+pub struct AuthorizeOutcome {
+    pub code: ResponseCode,
+    pub card_id: Option<CardId>,
+    pub authorization_id: Option<String>,
+    /// The real card number, only when approved.
+    pub funding_pan: Option<Pan>,
+    pub remaining: Option<Money>,
+    /// True when this answers a retry of a transaction decided before.
+    pub replayed: bool,
+}
+
+#[derive(Debug)]
+pub struct ReverseRequest {
+    pub transaction_id: String,
+    /// None: everything not yet reversed.
+    pub amount: Option<Money>,
+    pub reversal_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseOutcome {
+    pub reversed: bool,
+    /// 00 reversed, 12 not an approved authorisation, 13 bad amount,
+    /// 94 reversal id reused with other content.
+    pub response_code: &'static str,
+    pub remaining: Option<Money>,
+}
+
+#[derive(Debug)]
+pub struct Detokenized {
+    pub funding_pan: Pan,
+    pub card_id: CardId,
+    pub state: CardState,
+}
+
+/// How many numbers to draw before giving up on a crowded BIN.
+const MAX_NUMBER_DRAWS: usize = 32;
+
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keys: Arc<Keyring>,
+    config: VaultConfig,
+    clock: Clock,
+}
+
+impl Vault {
+    /// Opens the vault over `store`, checking that `keys` are the ones its
+    /// data was written with (a wrong master key is refused here, before
+    /// anything is served).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        keys: Arc<Keyring>,
+        config: VaultConfig,
+        clock: Clock,
+    ) -> Result<Vault, VaultError> {
+        let vault = Vault {
+            store,
+            keys,
+            config,
+            clock,
+        };
+        vault.check_keys().await?;
+        Ok(vault)
+    }
+
+    async fn check_keys(&self) -> Result<(), VaultError> {
+        let kcv_key = records::KEY_CHECK_VALUE.to_vec();
+        let ours = self.keys.current().check_value().as_bytes().to_vec();
+        let mut stored = None;
+        self.store
+            .update(std::slice::from_ref(&kcv_key), &mut |v| {
+                stored = v[0].clone();
+                match &v[0] {
+                    Some(_) => vec![],
+                    None => vec![Write::Put(kcv_key.clone(), ours.clone())],
+                }
+            })
+            .await?;
+        match stored {
+            Some(s) if s != ours => Err(VaultError::FailedPrecondition(format!(
+                "the master key (check value {}) is not the one this vault was written with (check value {}): start with the right keys directory",
+                self.keys.current().check_value(),
+                String::from_utf8_lossy(&s)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        (self.clock)()
+    }
+
+    fn random_id(&self, prefix: &str) -> Result<String, VaultError> {
+        let mut b = [0u8; CardId::RANDOM_BYTES];
+        self.keys
+            .fill_random(&mut b)
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        Ok(format!("{prefix}{}", hex::encode(b)))
+    }
+
+    /// The card a number belongs to, under any loaded index key version.
+    async fn find_card(&self, pan: &Pan) -> Result<Option<CardId>, VaultError> {
+        for v in self.keys.index_versions() {
+            let idx = self.keys.pan_index(v, pan).map_err(|e| VaultError::Internal(e.to_string()))?;
+            if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
+                let id = String::from_utf8(id).unwrap_or_default();
+                return CardId::parse("card_id", &id)
+                    .map(Some)
+                    .map_err(|_| VaultError::Internal("a stored number index entry is unreadable".into()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `pan` was ever seen as a funding card, under any version.
+    async fn is_known_funding(&self, pan: &Pan) -> Result<bool, VaultError> {
+        for v in self.keys.index_versions() {
+            let idx = self.keys.pan_index(v, pan).map_err(|e| VaultError::Internal(e.to_string()))?;
+            if self.store.get(&funding_key(v, &idx)).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn load(&self, id: &CardId) -> Result<CardRecord, VaultError> {
+        let bytes = self
+            .store
+            .get(&card_key(id))
+            .await?
+            .ok_or_else(|| VaultError::NotFound(format!("card {id}")))?;
+        decode("card", &bytes)
+    }
+
+    fn issue_fingerprint(&self, req: &IssueRequest) -> Vec<u8> {
+        let p = &req.policy;
+        let money = |m: Option<Money>| m.map(|m| format!("{}{}", m.amount_minor(), m.currency())).unwrap_or_default();
+        let mccs = |v: &[Mcc]| v.iter().map(Mcc::to_string).collect::<Vec<_>>().join(",");
+        let valid_until = p.valid_until.map(|t| t.unix_timestamp().to_string()).unwrap_or_default();
+        self.keys.fingerprint(&[
+            b"issue",
+            req.funding_pan.expose().as_bytes(),
+            money(Some(p.spend_limit)).as_bytes(),
+            money(p.per_transaction_limit).as_bytes(),
+            &p.max_uses.max(1).to_be_bytes(),
+            valid_until.as_bytes(),
+            p.merchant_id.as_ref().map(MerchantId::as_str).unwrap_or("").as_bytes(),
+            &[u8::from(p.lock_to_first_merchant)],
+            mccs(&p.allowed_mccs).as_bytes(),
+            mccs(&p.blocked_mccs).as_bytes(),
+        ])
+    }
+
+    /// The card an idempotency key already made, with its number and CVV.
+    async fn replay_issue(&self, record: &[u8], fingerprint: &[u8], scope: Scope<'_>) -> Result<IssuedCard, VaultError> {
+        let idem: IdempotencyRecord = decode("idempotency", record)?;
+        if idem.fingerprint != fingerprint {
+            return Err(VaultError::AlreadyExists(
+                "idempotency_key was already used for a card with other parameters".into(),
+            ));
+        }
+        let id = CardId::parse("card_id", &idem.card_id)
+            .map_err(|_| VaultError::Internal("a stored idempotency record is unreadable".into()))?;
+        let rec = self.load(&id).await?;
+        let card = rec.card()?;
+        if !scope.allows(&card.owner) {
+            return Err(VaultError::NotFound(format!("card {id}")));
+        }
+        let pan = self.keys.open_token(id.as_str(), &rec.sealed()?).map_err(crypto_error(id.as_str()))?;
+        let cvv = self.keys.cvv(&pan, card.expiry);
+        Ok(IssuedCard {
+            card,
+            pan,
+            cvv,
+            replayed: true,
+        })
+    }
+
+    /// Issues a new virtual card.
+    pub async fn issue(&self, req: IssueRequest) -> Result<IssuedCard, VaultError> {
+        let now = self.now();
+        let mut policy = CardPolicy::new(req.policy.clone(), now, self.config.bounds)?;
+        policy.valid_until = policy.valid_until.replace_nanosecond(0).unwrap_or(policy.valid_until);
+        self.config
+            .plan
+            .check_len(req.funding_pan.len())
+            .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
+
+        let fingerprint = self.issue_fingerprint(&req);
+        let idem_key = req.idempotency_key.as_deref().map(|k| idempotency_key(&req.owner, k));
+        if let Some(k) = &idem_key {
+            if let Some(existing) = self.store.get(k).await? {
+                return self.replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner)).await;
+            }
+        }
+        if self.find_card(&req.funding_pan).await?.is_some() {
+            return Err(FieldError::new(
+                "funding_pan",
+                "is a virtual card number issued by this service; give the real card's number",
+            )
+            .into());
+        }
+
+        let version = self.keys.current_version();
+        let crypto = |e: CryptoError| VaultError::Internal(e.to_string());
+        let funding_idx = self.keys.pan_index(version, &req.funding_pan).map_err(crypto)?;
+        let expiry = Expiry::of(policy.valid_until);
+
+        for _ in 0..MAX_NUMBER_DRAWS {
+            let pan = {
+                let mut rng = RandomDigits::new(&self.keys);
+                let pan = self
+                    .config
+                    .plan
+                    .candidate(&req.funding_pan, &mut rng)
+                    .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
+                if rng.failed {
+                    return Err(VaultError::Internal("the system random number generator failed".into()));
+                }
+                pan
+            };
+            if pan == req.funding_pan || self.find_card(&pan).await?.is_some() || self.is_known_funding(&pan).await? {
+                continue;
+            }
+            let idx = self.keys.pan_index(version, &pan).map_err(crypto)?;
+            let id = CardId::parse("card_id", &self.random_id("vc_")?)?;
+            let card = Card {
+                id: id.clone(),
+                owner: req.owner.clone(),
+                masked_pan: pan.masked(),
+                last4: pan.last4().to_string(),
+                expiry,
+                spent: Money::new(0, policy.spend_limit.currency()),
+                policy: policy.clone(),
+                state: CardState::Active,
+                uses: 0,
+                failed_verifications: 0,
+                created_at: now,
+            };
+            let sealed = self.keys.seal(id.as_str(), &req.funding_pan, &pan).map_err(crypto)?;
+            let record = prost::Message::encode_to_vec(&CardRecord::new(&card, &sealed));
+
+            let mut keys = vec![pan_key(version, &idx), funding_key(version, &idx)];
+            keys.extend(idem_key.clone());
+            enum Outcome {
+                Collision,
+                IdempotencyRace(Vec<u8>),
+                Created,
+            }
+            let mut outcome = Outcome::Collision;
+            self.store
+                .update(&keys, &mut |v| {
+                    if v[0].is_some() || v[1].is_some() {
+                        outcome = Outcome::Collision;
+                        return vec![];
+                    }
+                    if let Some(Some(existing)) = v.get(2) {
+                        outcome = Outcome::IdempotencyRace(existing.clone());
+                        return vec![];
+                    }
+                    outcome = Outcome::Created;
+                    let mut w = vec![
+                        Write::Put(card_key(&id), record.clone()),
+                        Write::Put(keys[0].clone(), id.as_str().as_bytes().to_vec()),
+                        Write::Put(funding_key(version, &funding_idx), vec![]),
+                        Write::Put(owner_key(&card.owner, now, &id), vec![]),
+                    ];
+                    if let Some(k) = &idem_key {
+                        let rec = IdempotencyRecord {
+                            fingerprint: fingerprint.clone(),
+                            card_id: id.as_str().to_string(),
+                        };
+                        w.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&rec)));
+                    }
+                    w
+                })
+                .await?;
+            match outcome {
+                Outcome::Collision => continue,
+                Outcome::IdempotencyRace(existing) => {
+                    return self.replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner)).await
+                }
+                Outcome::Created => {
+                    let cvv = self.keys.cvv(&pan, expiry);
+                    tracing::info!(card_id = %id, pan = %card.masked_pan, owner = %card.owner, "card issued");
+                    return Ok(IssuedCard {
+                        card,
+                        pan,
+                        cvv,
+                        replayed: false,
+                    });
+                }
+            }
+        }
+        Err(VaultError::ResourceExhausted(format!(
+            "no free card number found for this BIN after {MAX_NUMBER_DRAWS} draws"
+        )))
+    }
+
+    pub async fn get(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
+        let card = self.load(id).await?.card()?;
+        if !scope.allows(&card.owner) {
+            return Err(VaultError::NotFound(format!("card {id}")));
+        }
+        Ok(card)
+    }
+
+    /// One page of an owner's cards, newest first, and the token of the next
+    /// page when there is one.
+    pub async fn list(&self, owner: &Owner, page_size: usize, page_token: &str) -> Result<(Vec<Card>, String), VaultError> {
+        let prefix = owner_prefix(owner);
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            let rest = hex::decode(page_token)
+                .map_err(|_| FieldError::new("page_token", "is not a token returned by ListCards"))?;
+            Some([prefix.clone(), rest].concat())
+        };
+        let entries = self.store.scan(&prefix, after.as_deref(), page_size + 1).await?;
+        let more = entries.len() > page_size;
+        let mut cards = Vec::with_capacity(page_size.min(entries.len()));
+        for (key, _) in entries.iter().take(page_size) {
+            let id = std::str::from_utf8(&key[prefix.len() + 8..])
+                .ok()
+                .and_then(|s| CardId::parse("card_id", s).ok())
+                .ok_or_else(|| VaultError::Internal("a stored owner list entry is unreadable".into()))?;
+            cards.push(self.load(&id).await?.card()?);
+        }
+        let next = match (more, entries.get(page_size.saturating_sub(1))) {
+            (true, Some((key, _))) => hex::encode(&key[prefix.len()..]),
+            _ => String::new(),
+        };
+        Ok((cards, next))
+    }
+
+    /// Applies a lifecycle change to one card, atomically.
+    async fn modify(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        action: &'static str,
+        change: &(dyn Fn(&mut Card) -> Result<(), ChangeError> + Sync),
+    ) -> Result<Card, VaultError> {
+        let key = card_key(id);
+        let mut result: Result<Card, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        self.store
+            .update(std::slice::from_ref(&key), &mut |v| {
+                let step = || -> Result<(Card, Vec<Write>), VaultError> {
+                    let bytes = v[0].as_ref().ok_or_else(|| VaultError::NotFound(format!("card {id}")))?;
+                    let mut rec: CardRecord = decode("card", bytes)?;
+                    let mut card = rec.card()?;
+                    if !scope.allows(&card.owner) {
+                        return Err(VaultError::NotFound(format!("card {id}")));
+                    }
+                    let before = card.clone();
+                    change(&mut card)?;
+                    if card == before {
+                        return Ok((card, vec![]));
+                    }
+                    rec.set_card(&card);
+                    Ok((card, vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))]))
+                };
+                match step() {
+                    Ok((card, writes)) => {
+                        result = Ok(card);
+                        writes
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        if let Ok(card) = &result {
+            tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed");
+        }
+        result
+    }
+
+    pub async fn pause(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
+        self.modify(id, scope, "pause", &Card::pause).await
+    }
+
+    pub async fn resume(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
+        self.modify(id, scope, "resume", &Card::resume).await
+    }
+
+    pub async fn close(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
+        self.modify(id, scope, "close", &Card::close).await
+    }
+
+    pub async fn update_limits(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        spend_limit: Option<Money>,
+        per_transaction_limit: Option<Option<Money>>,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, "update limits", &move |c: &mut Card| {
+            c.update_limits(spend_limit, per_transaction_limit)
+        })
+        .await
+    }
+
+    fn authorize_fingerprint(&self, req: &AuthorizeRequest) -> Vec<u8> {
+        let digits = req.pan.digits();
+        self.keys.fingerprint(&[
+            b"authorize",
+            req.transaction_id.as_bytes(),
+            digits.as_bytes(),
+            req.expiry.mmyy().as_bytes(),
+            req.cvv.expose().as_bytes(),
+            &req.amount.amount_minor().to_be_bytes(),
+            req.amount.currency().code().as_bytes(),
+            req.merchant_id.as_ref().map(MerchantId::as_str).unwrap_or("").as_bytes(),
+            req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
+        ])
+    }
+
+    /// Decides one authorisation, exactly once per transaction id.
+    pub async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, VaultError> {
+        let now = self.now();
+        let fingerprint = self.authorize_fingerprint(req);
+        let card_id = match &req.pan {
+            Presented::Pan(p) => self.find_card(p).await?,
+            Presented::BadLuhn(_) => None,
+        };
+        let authorization_id = self.random_id("au_")?;
+        let tkey = txn_key(&req.transaction_id);
+        let mut keys = vec![tkey.clone()];
+        keys.extend(card_id.as_ref().map(card_key));
+
+        let mut result: Result<AuthorizeOutcome, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        self.store
+            .update(&keys, &mut |v| {
+                match self.decide(req, &fingerprint, card_id.as_ref(), &authorization_id, now, v) {
+                    Ok((outcome, writes)) => {
+                        result = Ok(outcome);
+                        writes
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        if let Ok(o) = &result {
+            let pan = req.pan.masked();
+            tracing::info!(
+                transaction_id = %req.transaction_id,
+                card_id = o.card_id.as_ref().map(CardId::as_str).unwrap_or(""),
+                %pan,
+                amount = %req.amount,
+                code = o.code.code(),
+                reason = o.code.reason(),
+                replayed = o.replayed,
+                "authorisation decided"
+            );
+        }
+        result
+    }
+
+    /// The pure part of `authorize`, run under the store's lock: from the
+    /// current transaction and card records to the answer and the writes.
+    fn decide(
+        &self,
+        req: &AuthorizeRequest,
+        fingerprint: &[u8],
+        card_id: Option<&CardId>,
+        authorization_id: &str,
+        now: OffsetDateTime,
+        v: &[Option<Vec<u8>>],
+    ) -> Result<(AuthorizeOutcome, Vec<Write>), VaultError> {
+        let card_rec = match v.get(1) {
+            Some(Some(bytes)) => Some(decode::<CardRecord>("card", bytes)?),
+            Some(None) => return Err(VaultError::Internal("a number index points to a missing card".into())),
+            None => None,
+        };
+        let funding = |rec: &CardRecord| {
+            self.keys
+                .open_funding(&rec.card_id, &rec.sealed()?)
+                .map_err(crypto_error(&rec.card_id))
+        };
+
+        // A transaction id seen before: the same request gets the same
+        // answer, another request gets 94.
+        if let Some(bytes) = &v[0] {
+            let t: TxnRecord = decode("transaction", bytes)?;
+            if t.fingerprint != fingerprint {
+                return Ok((
+                    AuthorizeOutcome {
+                        code: ResponseCode::DuplicateTransaction,
+                        card_id: None,
+                        authorization_id: None,
+                        funding_pan: None,
+                        remaining: None,
+                        replayed: false,
+                    },
+                    vec![],
+                ));
+            }
+            let code = ResponseCode::from_reason(&t.reason)
+                .ok_or_else(|| VaultError::Internal("a stored transaction record is unreadable".into()))?;
+            let currency = crate::domain::Currency::parse(&t.currency).ok();
+            let funding_pan = match (&card_rec, code.is_approved()) {
+                (Some(rec), true) => Some(funding(rec)?),
+                _ => None,
+            };
+            return Ok((
+                AuthorizeOutcome {
+                    code,
+                    card_id: CardId::parse("card_id", &t.card_id).ok(),
+                    authorization_id: Some(t.authorization_id).filter(|s| !s.is_empty()),
+                    funding_pan,
+                    remaining: t.remaining.zip(currency).map(|(n, c)| Money::new(n, c)),
+                    replayed: true,
+                },
+                vec![],
+            ));
+        }
+
+        let mut txn = TxnRecord {
+            fingerprint: fingerprint.to_vec(),
+            amount: req.amount.amount_minor(),
+            currency: req.amount.currency().code().to_string(),
+            decided_at: now.unix_timestamp(),
+            ..Default::default()
+        };
+        let (Some(mut rec), Some(id), Presented::Pan(pan)) = (card_rec, card_id, &req.pan) else {
+            txn.reason = ResponseCode::UnknownCard.reason().to_string();
+            let outcome = AuthorizeOutcome {
+                code: ResponseCode::UnknownCard,
+                card_id: None,
+                authorization_id: None,
+                funding_pan: None,
+                remaining: None,
+                replayed: false,
+            };
+            return Ok((outcome, vec![Write::Put(txn_key(&req.transaction_id), prost::Message::encode_to_vec(&txn))]));
+        };
+
+        let mut card = rec.card()?;
+        let attempt = Attempt {
+            expiry: req.expiry,
+            cvv_ok: self.keys.verify_cvv(pan, card.expiry, &req.cvv),
+            amount: req.amount,
+            merchant_id: req.merchant_id.as_ref(),
+            mcc: req.mcc,
+        };
+        let before = card.clone();
+        let code = decision::authorize(&mut card, &attempt, now, self.config.max_failed_verifications);
+        // Open the funding number before approving: a record that cannot
+        // be opened is an error, never an approval without a number.
+        let funding_pan = if code.is_approved() { Some(funding(&rec)?) } else { None };
+        let remaining = card.remaining();
+        txn.card_id = id.as_str().to_string();
+        txn.reason = code.reason().to_string();
+        txn.remaining = Some(remaining.amount_minor());
+        if code.is_approved() {
+            txn.authorization_id = authorization_id.to_string();
+        }
+        let mut writes = vec![Write::Put(txn_key(&req.transaction_id), prost::Message::encode_to_vec(&txn))];
+        if card != before {
+            rec.set_card(&card);
+            writes.push(Write::Put(card_key(id), prost::Message::encode_to_vec(&rec)));
+        }
+        Ok((
+            AuthorizeOutcome {
+                code,
+                card_id: Some(id.clone()),
+                authorization_id: code.is_approved().then(|| authorization_id.to_string()),
+                funding_pan,
+                remaining: Some(remaining),
+                replayed: false,
+            },
+            writes,
+        ))
+    }
+
+    /// Undoes all or part of an approved authorisation.
+    pub async fn reverse(&self, req: &ReverseRequest) -> Result<ReverseOutcome, VaultError> {
+        let tkey = txn_key(&req.transaction_id);
+        let txn: TxnRecord = match self.store.get(&tkey).await? {
+            Some(b) => decode("transaction", &b)?,
+            None => {
+                return Err(VaultError::NotFound(format!(
+                    "authorisation with transaction_id {}",
+                    req.transaction_id
+                )))
+            }
+        };
+        let fingerprint = self.keys.fingerprint(&[
+            b"reverse",
+            req.transaction_id.as_bytes(),
+            req.amount.map(|m| format!("{}{}", m.amount_minor(), m.currency())).unwrap_or_default().as_bytes(),
+        ]);
+        let card_id = CardId::parse("card_id", &txn.card_id).ok();
+        let mut keys = vec![tkey.clone()];
+        keys.push(card_id.as_ref().map(card_key).unwrap_or_else(|| tkey.clone()));
+        let rkey = req.reversal_id.as_deref().map(reversal_key);
+        keys.extend(rkey.clone());
+
+        let mut result: Result<ReverseOutcome, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        self.store
+            .update(&keys, &mut |v| {
+                let step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
+                    if let (Some(Some(prev)), Some(_)) = (v.get(2), &rkey) {
+                        let r: ReversalRecord = decode("reversal", prev)?;
+                        if r.fingerprint != fingerprint {
+                            return Ok((
+                                ReverseOutcome { reversed: false, response_code: "94", remaining: None },
+                                vec![],
+                            ));
+                        }
+                        let currency = crate::domain::Currency::parse(&r.currency).ok();
+                        return Ok((
+                            ReverseOutcome {
+                                reversed: r.reversed,
+                                response_code: static_code(&r.response_code),
+                                remaining: r.remaining.zip(currency).map(|(n, c)| Money::new(n, c)),
+                            },
+                            vec![],
+                        ));
+                    }
+                    let mut txn: TxnRecord = decode(
+                        "transaction",
+                        v[0].as_deref().ok_or_else(|| VaultError::Internal("transaction vanished".into()))?,
+                    )?;
+                    let (Some(id), Some(Some(card_bytes))) = (&card_id, v.get(1)) else {
+                        return Ok((ReverseOutcome { reversed: false, response_code: "12", remaining: None }, vec![]));
+                    };
+                    let mut rec: CardRecord = decode("card", card_bytes)?;
+                    let mut card = rec.card()?;
+                    let answer = |reversed: bool, code: &'static str, card: &Card| ReverseOutcome {
+                        reversed,
+                        response_code: code,
+                        remaining: Some(card.remaining()),
+                    };
+                    let approved = txn.reason == ResponseCode::Approved.reason();
+                    let left = txn.amount - txn.reversed;
+                    let mut changed = false;
+                    let outcome = if !approved {
+                        answer(false, "12", &card)
+                    } else {
+                        let currency = card.policy.spend_limit.currency();
+                        let amount = req.amount.unwrap_or(Money::new(left, currency));
+                        if req.amount.is_none() && left == 0 {
+                            // A full reversal retried: already done.
+                            answer(true, "00", &card)
+                        } else if amount.currency() != currency || amount.amount_minor() <= 0 || amount.amount_minor() > left {
+                            answer(false, "13", &card)
+                        } else {
+                            decision::reverse(&mut card, amount);
+                            txn.reversed += amount.amount_minor();
+                            changed = true;
+                            answer(true, "00", &card)
+                        }
+                    };
+                    let mut writes = vec![];
+                    if changed {
+                        rec.set_card(&card);
+                        writes.push(Write::Put(card_key(id), prost::Message::encode_to_vec(&rec)));
+                        writes.push(Write::Put(tkey.clone(), prost::Message::encode_to_vec(&txn)));
+                    }
+                    if let Some(k) = &rkey {
+                        let r = ReversalRecord {
+                            fingerprint: fingerprint.clone(),
+                            reversed: outcome.reversed,
+                            response_code: outcome.response_code.to_string(),
+                            remaining: outcome.remaining.map(Money::amount_minor),
+                            currency: card.policy.spend_limit.currency().code().to_string(),
+                        };
+                        writes.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&r)));
+                    }
+                    Ok((outcome, writes))
+                };
+                match step() {
+                    Ok((o, w)) => {
+                        result = Ok(o);
+                        w
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        if let Ok(o) = &result {
+            tracing::info!(transaction_id = %req.transaction_id, code = o.response_code, reversed = o.reversed, "reversal decided");
+        }
+        result
+    }
+
+    /// The funding card of any number this vault issued, in any state.
+    pub async fn detokenize(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
+        let not_found = || VaultError::NotFound(format!("card number {}", pan.masked()));
+        let id = self.find_card(pan).await?.ok_or_else(not_found)?;
+        let rec = self.load(&id).await?;
+        let card = rec.card()?;
+        let funding_pan = self
+            .keys
+            .open_funding(id.as_str(), &rec.sealed()?)
+            .map_err(crypto_error(id.as_str()))?;
+        tracing::info!(card_id = %id, pan = %pan.masked(), "number detokenised");
+        Ok(Detokenized {
+            funding_pan,
+            card_id: id,
+            state: card.state,
+        })
+    }
+
+    /// Makes everything written so far durable (used at shutdown).
+    pub async fn sync(&self) -> Result<(), VaultError> {
+        Ok(self.store.sync().await?)
+    }
+}
+
+fn static_code(code: &str) -> &'static str {
+    ["00", "12", "13", "94"].into_iter().find(|c| *c == code).unwrap_or("12")
+}

@@ -1,0 +1,287 @@
+//! What the vault stores, and under which keys.
+//!
+//! Records are protobuf messages (prost), so fields can be added later
+//! without a migration. Keys are prefixed by kind:
+//!
+//! | key | value |
+//! |---|---|
+//! | `c/` card id | [`CardRecord`] (numbers sealed) |
+//! | `p/` index version, HMAC(virtual number) | card id |
+//! | `f/` index version, HMAC(funding number) | empty: a number known as a real card |
+//! | `t/` transaction id | [`TxnRecord`] |
+//! | `r/` reversal id | [`ReversalRecord`] |
+//! | `o/` owner, 0, newest-first time, card id | empty: the owner's list |
+//! | `i/` owner, 0, idempotency key | [`IdempotencyRecord`] |
+//! | `m/` name | vault metadata (key check value) |
+
+use prost::Message;
+use time::OffsetDateTime;
+
+use crate::domain::card::{CardId, CardPolicy, CardState, Expiry};
+use crate::domain::{Card, Currency, Mcc, MerchantId, Money, Owner};
+use crate::vault::crypto::Sealed;
+use crate::vault::VaultError;
+
+pub fn card_key(id: &CardId) -> Vec<u8> {
+    [b"c/", id.as_str().as_bytes()].concat()
+}
+
+pub fn pan_key(version: u32, hmac: &[u8; 32]) -> Vec<u8> {
+    [&b"p/"[..], &version.to_be_bytes(), hmac].concat()
+}
+
+pub fn funding_key(version: u32, hmac: &[u8; 32]) -> Vec<u8> {
+    [&b"f/"[..], &version.to_be_bytes(), hmac].concat()
+}
+
+pub fn txn_key(transaction_id: &str) -> Vec<u8> {
+    [b"t/", transaction_id.as_bytes()].concat()
+}
+
+pub fn reversal_key(reversal_id: &str) -> Vec<u8> {
+    [b"r/", reversal_id.as_bytes()].concat()
+}
+
+/// The prefix of one owner's list entries.
+pub fn owner_prefix(owner: &Owner) -> Vec<u8> {
+    [b"o/", owner.as_str().as_bytes(), b"\0"].concat()
+}
+
+/// Owner list entry: newest first, then by id.
+pub fn owner_key(owner: &Owner, created_at: OffsetDateTime, id: &CardId) -> Vec<u8> {
+    let newest_first = u64::MAX - created_at.unix_timestamp().max(0) as u64;
+    [
+        owner_prefix(owner),
+        newest_first.to_be_bytes().to_vec(),
+        id.as_str().as_bytes().to_vec(),
+    ]
+    .concat()
+}
+
+pub fn idempotency_key(owner: &Owner, key: &str) -> Vec<u8> {
+    [b"i/", owner.as_str().as_bytes(), b"\0", key.as_bytes()].concat()
+}
+
+pub const KEY_CHECK_VALUE: &[u8] = b"m/key-check-value";
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SealedRecord {
+    #[prost(uint32, tag = "1")]
+    pub key_version: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub wrapped_dek: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub funding_pan: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub token_pan: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct CardRecord {
+    #[prost(string, tag = "1")]
+    pub card_id: String,
+    #[prost(string, tag = "2")]
+    pub owner: String,
+    #[prost(string, tag = "3")]
+    pub masked_pan: String,
+    #[prost(string, tag = "4")]
+    pub last4: String,
+    /// 1 active, 2 paused, 3 blocked, 4 used, 5 closed.
+    #[prost(uint32, tag = "5")]
+    pub state: u32,
+    #[prost(string, tag = "6")]
+    pub currency: String,
+    #[prost(int64, tag = "7")]
+    pub spend_limit: i64,
+    #[prost(int64, tag = "8")]
+    pub spent: i64,
+    #[prost(int64, optional, tag = "9")]
+    pub per_transaction_limit: Option<i64>,
+    #[prost(uint32, tag = "10")]
+    pub max_uses: u32,
+    #[prost(uint32, tag = "11")]
+    pub uses: u32,
+    #[prost(int64, tag = "12")]
+    pub valid_until: i64,
+    #[prost(string, tag = "13")]
+    pub merchant_id: String,
+    #[prost(bool, tag = "14")]
+    pub lock_to_first_merchant: bool,
+    #[prost(string, repeated, tag = "15")]
+    pub allowed_mccs: Vec<String>,
+    #[prost(string, repeated, tag = "16")]
+    pub blocked_mccs: Vec<String>,
+    #[prost(int64, tag = "17")]
+    pub created_at: i64,
+    #[prost(uint32, tag = "18")]
+    pub failed_verifications: u32,
+    #[prost(uint32, tag = "19")]
+    pub expiry_month: u32,
+    #[prost(uint32, tag = "20")]
+    pub expiry_year: u32,
+    #[prost(message, optional, tag = "21")]
+    pub sealed: Option<SealedRecord>,
+}
+
+/// The answer given to one transaction id, kept to answer its retries.
+#[derive(Clone, PartialEq, Message)]
+pub struct TxnRecord {
+    /// Keyed hash of the request's content: a retry must match it.
+    #[prost(bytes = "vec", tag = "1")]
+    pub fingerprint: Vec<u8>,
+    /// Empty for an unknown number.
+    #[prost(string, tag = "2")]
+    pub card_id: String,
+    /// ResponseCode::reason of the decision.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    #[prost(string, tag = "4")]
+    pub authorization_id: String,
+    #[prost(int64, tag = "5")]
+    pub amount: i64,
+    #[prost(string, tag = "6")]
+    pub currency: String,
+    /// What the card had left after the decision.
+    #[prost(int64, optional, tag = "7")]
+    pub remaining: Option<i64>,
+    /// How much of an approval has been reversed.
+    #[prost(int64, tag = "8")]
+    pub reversed: i64,
+    #[prost(int64, tag = "9")]
+    pub decided_at: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ReversalRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub fingerprint: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub reversed: bool,
+    #[prost(string, tag = "3")]
+    pub response_code: String,
+    #[prost(int64, optional, tag = "4")]
+    pub remaining: Option<i64>,
+    #[prost(string, tag = "5")]
+    pub currency: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct IdempotencyRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub fingerprint: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub card_id: String,
+}
+
+pub fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, VaultError> {
+    M::decode(bytes).map_err(|_| VaultError::Internal(format!("a stored {what} record is unreadable")))
+}
+
+fn state_code(s: CardState) -> u32 {
+    match s {
+        CardState::Active => 1,
+        CardState::Paused => 2,
+        CardState::Blocked => 3,
+        CardState::Used => 4,
+        CardState::Closed => 5,
+    }
+}
+
+fn corrupt(id: &str, what: &str) -> VaultError {
+    VaultError::Internal(format!("stored card {id} has an unreadable {what}"))
+}
+
+impl CardRecord {
+    /// The stored form of a card and its sealed numbers.
+    pub fn new(card: &Card, sealed: &Sealed) -> CardRecord {
+        let mut r = CardRecord {
+            sealed: Some(SealedRecord {
+                key_version: sealed.key_version,
+                wrapped_dek: sealed.wrapped_dek.clone(),
+                funding_pan: sealed.funding_pan.clone(),
+                token_pan: sealed.token_pan.clone(),
+            }),
+            ..Default::default()
+        };
+        r.set_card(card);
+        r
+    }
+
+    /// Writes the card's changeable fields into the record.
+    pub fn set_card(&mut self, card: &Card) {
+        let p = &card.policy;
+        self.card_id = card.id.as_str().to_string();
+        self.owner = card.owner.as_str().to_string();
+        self.masked_pan = card.masked_pan.clone();
+        self.last4 = card.last4.clone();
+        self.state = state_code(card.state);
+        self.currency = p.spend_limit.currency().code().to_string();
+        self.spend_limit = p.spend_limit.amount_minor();
+        self.spent = card.spent.amount_minor();
+        self.per_transaction_limit = p.per_transaction_limit.map(Money::amount_minor);
+        self.max_uses = p.max_uses;
+        self.uses = card.uses;
+        self.valid_until = p.valid_until.unix_timestamp();
+        self.merchant_id = p.merchant_id.as_ref().map(|m| m.as_str().to_string()).unwrap_or_default();
+        self.lock_to_first_merchant = p.lock_to_first_merchant;
+        self.allowed_mccs = p.allowed_mccs.iter().map(|m| m.to_string()).collect();
+        self.blocked_mccs = p.blocked_mccs.iter().map(|m| m.to_string()).collect();
+        self.created_at = card.created_at.unix_timestamp();
+        self.failed_verifications = card.failed_verifications;
+        self.expiry_month = u32::from(card.expiry.month);
+        self.expiry_year = u32::from(card.expiry.year);
+    }
+
+    pub fn sealed(&self) -> Result<Sealed, VaultError> {
+        let s = self.sealed.as_ref().ok_or_else(|| corrupt(&self.card_id, "sealed numbers"))?;
+        Ok(Sealed {
+            key_version: s.key_version,
+            wrapped_dek: s.wrapped_dek.clone(),
+            funding_pan: s.funding_pan.clone(),
+            token_pan: s.token_pan.clone(),
+        })
+    }
+
+    /// The domain card, re-parsed: a stored record that is not a valid card
+    /// is reported, never used.
+    pub fn card(&self) -> Result<Card, VaultError> {
+        let id = &self.card_id;
+        let c = |what: &str| corrupt(id, what);
+        let currency = Currency::parse(&self.currency).map_err(|_| c("currency"))?;
+        let mccs = |v: &[String]| v.iter().map(|s| Mcc::parse(s)).collect::<Result<Vec<_>, _>>();
+        let time = |t: i64| OffsetDateTime::from_unix_timestamp(t);
+        Ok(Card {
+            id: CardId::parse("card_id", id).map_err(|_| c("id"))?,
+            owner: Owner::parse("owner", &self.owner).map_err(|_| c("owner"))?,
+            masked_pan: self.masked_pan.clone(),
+            last4: self.last4.clone(),
+            expiry: Expiry {
+                month: u8::try_from(self.expiry_month).map_err(|_| c("expiry"))?,
+                year: u16::try_from(self.expiry_year).map_err(|_| c("expiry"))?,
+            },
+            policy: CardPolicy {
+                spend_limit: Money::new(self.spend_limit, currency),
+                per_transaction_limit: self.per_transaction_limit.map(|n| Money::new(n, currency)),
+                max_uses: self.max_uses,
+                valid_until: time(self.valid_until).map_err(|_| c("valid_until"))?,
+                merchant_id: MerchantId::parse_optional("merchant_id", &self.merchant_id)
+                    .map_err(|_| c("merchant"))?,
+                lock_to_first_merchant: self.lock_to_first_merchant,
+                allowed_mccs: mccs(&self.allowed_mccs).map_err(|_| c("MCC list"))?,
+                blocked_mccs: mccs(&self.blocked_mccs).map_err(|_| c("MCC list"))?,
+            },
+            state: match self.state {
+                1 => CardState::Active,
+                2 => CardState::Paused,
+                3 => CardState::Blocked,
+                4 => CardState::Used,
+                5 => CardState::Closed,
+                _ => return Err(c("state")),
+            },
+            spent: Money::new(self.spent, currency),
+            uses: self.uses,
+            failed_verifications: self.failed_verifications,
+            created_at: time(self.created_at).map_err(|_| c("created_at"))?,
+        })
+    }
+}

@@ -1,0 +1,371 @@
+//! The embedded engine: one sled tree, striped key locks, group commit.
+//!
+//! An update locks the stripes of its keys (in a fixed order, so two
+//! updates never deadlock), reads, decides and applies its writes as one
+//! sled batch (atomic), then releases the locks before it waits for
+//! durability. Durability is group commit: a dedicated flusher thread calls
+//! `Db::flush` (one fsync of sled's log) for every write made before it
+//! started, and wakes all their waiters at once. No lock is held across the
+//! sync and the sync never runs on a tokio worker. (sled 0.34's own
+//! `flush_async` was seen to hang under tokio, hence the thread.)
+//!
+//! Why releasing the locks before the sync is safe: a later update that
+//! read this one's writes waits for a flush that starts after it, and
+//! sled's flush makes everything written before it durable. So nobody is
+//! ever acknowledged on the strength of a write that could still be lost.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::vault::store::{Decide, Store, StoreError, Write};
+
+const STRIPES: usize = 4096;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled's page cache, in bytes: what bounds the process's memory.
+    pub cache_capacity: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_capacity: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// How far the flusher has got, shared with the waiters.
+#[derive(Debug, Clone, Default)]
+struct Flushed {
+    /// Every write with a ticket up to this is durable.
+    upto: u64,
+    /// The last failed flush: the highest ticket it covered, and why.
+    failed: Option<(u64, String)>,
+}
+
+/// State shared between writers and the flusher thread.
+struct Commit {
+    /// Tickets handed out: each write takes the next one after applying.
+    written: AtomicU64,
+    /// Wakes the flusher; the bool asks it to stop.
+    wake: Mutex<bool>,
+    cond: Condvar,
+    flushed: watch::Sender<Flushed>,
+}
+
+pub struct SledStore {
+    db: sled::Db,
+    /// Striped locks that serialise updates touching the same keys.
+    locks: Box<[Mutex<()>]>,
+    commit: Arc<Commit>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| describe_open_error(dir, e))?;
+        let (tx, _) = watch::channel(Flushed::default());
+        let commit = Arc::new(Commit {
+            written: AtomicU64::new(0),
+            wake: Mutex::new(false),
+            cond: Condvar::new(),
+            flushed: tx,
+        });
+        let flusher = {
+            let (db, commit) = (db.clone(), commit.clone());
+            std::thread::Builder::new()
+                .name("vcn-flusher".into())
+                .spawn(move || flush_loop(&db, &commit))
+                .map_err(|e| StoreError::Unavailable(format!("cannot start the flusher thread: {e}")))?
+        };
+        Ok(SledStore {
+            db,
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            commit,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// Whether the store holds any data (tells a fresh installation from
+    /// an existing one).
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn stripes(&self, keys: &[Vec<u8>]) -> Vec<usize> {
+        let mut s: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                let mut h = DefaultHasher::new();
+                k.hash(&mut h);
+                (h.finish() as usize) % STRIPES
+            })
+            .collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    /// The synchronous part of an update: lock, read, decide, apply, take
+    /// a ticket. Returns the ticket to wait for.
+    fn apply(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<u64, StoreError> {
+        let _guards: Vec<MutexGuard<'_, ()>> = self
+            .stripes(keys)
+            .into_iter()
+            // A poisoned stripe only means a decision panicked; the lock
+            // still orders updates, so take it.
+            .map(|i| self.locks[i].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut values = Vec::with_capacity(keys.len());
+        for k in keys {
+            values.push(self.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
+        }
+        let writes = decide(&values);
+        if writes.is_empty() {
+            // Nothing to write, but what was read may itself still be in
+            // flight to disk: wait for everything written so far.
+            return Ok(self.commit.written.load(Ordering::SeqCst));
+        }
+        let mut batch = sled::Batch::default();
+        for w in writes {
+            match w {
+                Write::Put(k, v) => batch.insert(k, v),
+                Write::Delete(k) => batch.remove(k),
+            }
+        }
+        self.db.apply_batch(batch).map_err(io_error)?;
+        let ticket = self.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(ticket)
+    }
+
+    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
+        if self.commit.flushed.borrow().upto >= ticket {
+            return Ok(());
+        }
+        {
+            let _wake = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
+            self.commit.cond.notify_one();
+        }
+        let mut rx = self.commit.flushed.subscribe();
+        let state = rx
+            .wait_for(|f| f.upto >= ticket || f.failed.as_ref().is_some_and(|(t, _)| *t >= ticket))
+            .await
+            .map_err(|_| StoreError::Unavailable("the flusher thread has stopped".into()))?
+            .clone();
+        if state.upto >= ticket {
+            return Ok(());
+        }
+        let reason = state.failed.map(|(_, e)| e).unwrap_or_default();
+        Err(StoreError::Unavailable(format!("could not make the write durable: {reason}")))
+    }
+}
+
+fn flush_loop(db: &sled::Db, commit: &Commit) {
+    let mut done = 0u64;
+    loop {
+        {
+            let mut stop = commit.wake.lock().unwrap_or_else(|e| e.into_inner());
+            while !*stop && commit.written.load(Ordering::SeqCst) <= done {
+                stop = commit.cond.wait(stop).unwrap_or_else(|e| e.into_inner());
+            }
+            if *stop && commit.written.load(Ordering::SeqCst) <= done {
+                return;
+            }
+        }
+        let target = commit.written.load(Ordering::SeqCst);
+        match db.flush() {
+            Ok(_) => {
+                done = target;
+                commit.flushed.send_modify(|f| f.upto = target);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the vault to disk failed");
+                commit
+                    .flushed
+                    .send_modify(|f| f.failed = Some((target, e.to_string())));
+                // Do not spin on a failing disk; the next write retries.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                done = target;
+            }
+        }
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        {
+            let mut stop = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
+            *stop = true;
+            self.commit.cond.notify_one();
+        }
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+        let _ = self.db.flush();
+    }
+}
+
+fn io_error(e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
+    let msg = e.to_string();
+    if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable") {
+        return StoreError::Unavailable(format!(
+            "the data directory {} is in use by another process (is another `vcn serve` running?)",
+            dir.display()
+        ));
+    }
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(format!(
+            "the vault in {} is corrupt ({msg}); restore it from a backup",
+            dir.display()
+        )),
+        _ => StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display())),
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key).map_err(io_error)?.map(|v| v.to_vec()))
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(a) => {
+                let mut start = a.to_vec();
+                start.push(0);
+                self.db.range(start..)
+            }
+            None => self.db.range(prefix.to_vec()..),
+        };
+        for item in iter {
+            let (k, v) = item.map_err(io_error)?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
+        let ticket = self.apply(keys, decide)?;
+        self.wait_durable(ticket).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        let ticket = self.commit.written.load(Ordering::SeqCst);
+        if ticket == 0 {
+            return self.db.flush().map(|_| ()).map_err(io_error);
+        }
+        self.wait_durable(ticket).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str, v: &str) -> Write {
+        Write::Put(k.as_bytes().to_vec(), v.as_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn update_reads_decides_and_persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+            let keys = vec![b"a".to_vec()];
+            let mut seen = Vec::new();
+            s.update(&keys, &mut |v| {
+                seen.push(v[0].clone());
+                vec![put("a", "1"), put("b", "2")]
+            })
+            .await
+            .unwrap();
+            assert_eq!(seen, vec![None]);
+            s.update(&keys, &mut |v| {
+                assert_eq!(v[0].as_deref(), Some(&b"1"[..]));
+                vec![Write::Delete(b"b".to_vec())]
+            })
+            .await
+            .unwrap();
+        }
+        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        assert_eq!(s.get(b"a").await.unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.get(b"b").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn scan_is_prefix_bounded_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        s.update(&[], &mut |_| {
+            vec![put("o/a1", ""), put("o/a2", ""), put("o/a3", ""), put("o/b1", ""), put("p/x", "")]
+        })
+        .await
+        .unwrap();
+        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
+        assert_eq!(keys(s.scan(b"o/a", None, 10).await.unwrap()), ["o/a1", "o/a2", "o/a3"]);
+        assert_eq!(keys(s.scan(b"o/a", None, 2).await.unwrap()), ["o/a1", "o/a2"]);
+        assert_eq!(keys(s.scan(b"o/a", Some(b"o/a2"), 2).await.unwrap()), ["o/a3"]);
+        assert!(s.scan(b"q/", None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_updates_of_one_key_never_lose_an_increment() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    s.update(&[b"n".to_vec()], &mut |v| {
+                        let n: u64 = v[0].as_deref().map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
+                        vec![put("n", &(n + 1).to_string())]
+                    })
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.get(b"n").await.unwrap(), Some(b"400".to_vec()));
+        assert!(s.commit.flushed.borrow().upto >= 400, "every write was flushed before its reply");
+    }
+}

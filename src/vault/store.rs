@@ -1,0 +1,61 @@
+//! The storage trait: what the vault needs of an engine, and nothing more.
+//!
+//! Keys and values are bytes; the vault decides what they mean. The one
+//! primitive that matters is [`Store::update`]: read some keys, decide,
+//! write all or nothing, serialised with every other update of the same
+//! keys, durable before it returns. The authorisation decision runs inside
+//! it. sled is the embedded engine ([`super::sled_store`]); a SQL engine
+//! implements the same with row locks or serialisable transactions.
+
+use async_trait::async_trait;
+
+/// One write of an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The engine cannot take writes or reads now (disk full, I/O error,
+    /// database gone). Nothing of the failed update was acknowledged.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored bytes are not what the engine expects.
+    #[error("storage corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What `update` asks of its caller: given the current values of the keys
+/// it named (None where absent), the writes to make. It may be called more
+/// than once (an engine may retry on a conflict); only the writes of the
+/// last call are applied, so it must not have effects of its own beyond
+/// recording its outcome.
+pub type Decide<'a> = dyn FnMut(&[Option<Vec<u8>>]) -> Vec<Write> + Send + 'a;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The committed value of one key.
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` entries whose keys start with `prefix`, in key order,
+    /// after `after` (exclusive) when given.
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Reads `keys`, calls `decide` with their values and applies the
+    /// writes it returns, atomically and in isolation from every other
+    /// update naming any of the same keys. Writes may also go to keys not
+    /// named (fresh keys no other update can be deciding on). When this
+    /// returns Ok, the writes, and everything the decision read, are
+    /// durable.
+    async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError>;
+
+    /// Makes everything written so far durable.
+    async fn sync(&self) -> Result<(), StoreError>;
+}
