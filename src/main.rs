@@ -1,1 +1,5 @@
-fn main() {}
+//! The `vcn` binary: see `vcn --help`.
+
+fn main() -> std::process::ExitCode {
+    vcn::cli::main()
+}

@@ -390,7 +390,8 @@ mod tests {
             merchant_id: None,
             mcc: None,
         };
-        let steps: Vec<(ResponseCode, Box<dyn Fn(&mut Card, &mut Attempt<'static>)>)> = vec![
+        type Fix = Box<dyn Fn(&mut Card, &mut Attempt<'static>)>;
+        let steps: Vec<(ResponseCode, Fix)> = vec![
             (Closed, Box::new(|c, _| c.state = CardState::Used)),
             (Used, Box::new(|c, _| c.state = CardState::Paused)),
             (Paused, Box::new(|c, _| c.state = CardState::Active)),

@@ -84,6 +84,41 @@ impl Money {
         Ok(money)
     }
 
+    /// Parses what a person types: `50.00EUR`, `50 EUR`, `50EUR`, `1000JPY`,
+    /// `1.500BHD`. At most the currency's number of decimals.
+    pub fn parse_human(s: &str) -> Result<Money, FieldError> {
+        let s = s.trim();
+        let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| {
+            FieldError::new("", "must be an amount and a currency, e.g. 50.00EUR")
+        })?;
+        let (number, code) = (s[..split].trim(), s[split..].trim());
+        let currency = Currency::parse(&code.to_ascii_uppercase())?;
+        let exp = currency.exponent() as usize;
+        let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+        let digits_only = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty()
+            || !digits_only(whole)
+            || !digits_only(frac)
+            || (number.contains('.') && frac.is_empty())
+        {
+            return Err(FieldError::new(
+                "",
+                "must be an amount and a currency, e.g. 50.00EUR",
+            ));
+        }
+        if frac.len() > exp {
+            return Err(FieldError::new(
+                "",
+                format!("{} has {exp} decimal places", currency.code()),
+            ));
+        }
+        let scaled = format!("{whole}{frac:0<exp$}");
+        let amount = scaled
+            .parse::<i64>()
+            .map_err(|_| FieldError::new("", "is too large"))?;
+        Ok(Money::new(amount, currency))
+    }
+
     pub fn amount_minor(self) -> i64 {
         self.amount_minor
     }
@@ -195,6 +230,34 @@ mod tests {
         assert_eq!(eur(5).checked_add(usd), None);
         assert_eq!(eur(i64::MAX).checked_add(eur(1)), None);
         assert_eq!(eur(i64::MIN).checked_sub(eur(1)), None);
+    }
+
+    #[test]
+    fn parses_what_people_type() {
+        let p = |s| Money::parse_human(s).map(|m| m.to_string());
+        assert_eq!(p("50.00EUR").unwrap(), "50.00 EUR");
+        assert_eq!(p("50 eur").unwrap(), "50.00 EUR");
+        assert_eq!(p("0.5EUR").unwrap(), "0.50 EUR");
+        assert_eq!(p("1000JPY").unwrap(), "1000 JPY");
+        assert_eq!(p("1.5BHD").unwrap(), "1.500 BHD");
+        assert_eq!(
+            Money::parse_human("12.34 USD").unwrap().amount_minor(),
+            1234
+        );
+        for bad in [
+            "",
+            "EUR",
+            "50",
+            "1.001EUR",
+            "10.5JPY",
+            "-5EUR",
+            "5.EUR",
+            "1e3EUR",
+            "99999999999999999999EUR",
+            "5XYZ",
+        ] {
+            assert!(Money::parse_human(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

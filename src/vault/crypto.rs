@@ -210,17 +210,22 @@ impl Keyring {
         let mut dek = Zeroizing::new([0u8; KEY_LEN]);
         self.fill_random(&mut dek[..])?;
         let version = self.current;
-        let wrapped_dek = self.aead_seal(
-            &self.current().kek,
-            &dek[..],
-            &dek_aad(card_id, version),
-        )?;
+        let wrapped_dek =
+            self.aead_seal(&self.current().kek, &dek[..], &dek_aad(card_id, version))?;
         let cipher = Aes256Gcm::new((&*dek).into());
         Ok(Sealed {
             key_version: version,
             wrapped_dek,
-            funding_pan: self.aead_seal(&cipher, funding.expose().as_bytes(), &field_aad(b"funding_pan", card_id))?,
-            token_pan: self.aead_seal(&cipher, token.expose().as_bytes(), &field_aad(b"token_pan", card_id))?,
+            funding_pan: self.aead_seal(
+                &cipher,
+                funding.expose().as_bytes(),
+                &field_aad(b"funding_pan", card_id),
+            )?,
+            token_pan: self.aead_seal(
+                &cipher,
+                token.expose().as_bytes(),
+                &field_aad(b"token_pan", card_id),
+            )?,
         })
     }
 
@@ -234,9 +239,19 @@ impl Keyring {
         self.open_field(card_id, sealed, &sealed.token_pan, b"token_pan")
     }
 
-    fn open_field(&self, card_id: &str, sealed: &Sealed, ct: &[u8], name: &[u8]) -> Result<Pan, CryptoError> {
+    fn open_field(
+        &self,
+        card_id: &str,
+        sealed: &Sealed,
+        ct: &[u8],
+        name: &[u8],
+    ) -> Result<Pan, CryptoError> {
         let kek = &self.version(sealed.key_version)?.kek;
-        let dek = Zeroizing::new(aead_open(kek, &sealed.wrapped_dek, &dek_aad(card_id, sealed.key_version))?);
+        let dek = Zeroizing::new(aead_open(
+            kek,
+            &sealed.wrapped_dek,
+            &dek_aad(card_id, sealed.key_version),
+        )?);
         if dek.len() != KEY_LEN {
             return Err(CryptoError::Open);
         }
@@ -246,7 +261,12 @@ impl Keyring {
         Pan::parse(s).map_err(|_| CryptoError::Open)
     }
 
-    fn aead_seal(&self, cipher: &Aes256Gcm, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    fn aead_seal(
+        &self,
+        cipher: &Aes256Gcm,
+        plain: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
         self.fill_random(&mut nonce)?;
         let ct = cipher
@@ -344,7 +364,10 @@ mod tests {
     }
 
     fn pans() -> (Pan, Pan) {
-        (Pan::parse("4111111111111111").unwrap(), Pan::parse("4111112345678909").unwrap())
+        (
+            Pan::parse("4111111111111111").unwrap(),
+            Pan::parse("4111112345678909").unwrap(),
+        )
     }
 
     #[test]
@@ -369,12 +392,20 @@ mod tests {
         for i in 0..sealed.funding_pan.len() {
             let mut bad = sealed.clone();
             bad.funding_pan[i] ^= 0x01;
-            assert_eq!(k.open_funding("vc_1", &bad), Err(CryptoError::Open), "byte {i}");
+            assert_eq!(
+                k.open_funding("vc_1", &bad),
+                Err(CryptoError::Open),
+                "byte {i}"
+            );
         }
         for i in 0..sealed.wrapped_dek.len() {
             let mut bad = sealed.clone();
             bad.wrapped_dek[i] ^= 0x80;
-            assert_eq!(k.open_funding("vc_1", &bad), Err(CryptoError::Open), "dek byte {i}");
+            assert_eq!(
+                k.open_funding("vc_1", &bad),
+                Err(CryptoError::Open),
+                "dek byte {i}"
+            );
         }
         let mut short = sealed.clone();
         short.funding_pan.truncate(5);
@@ -386,15 +417,30 @@ mod tests {
         let (funding, token) = pans();
         let k = keyring(1);
         let sealed = k.seal("vc_1", &funding, &token).unwrap();
-        assert_eq!(keyring(2).open_funding("vc_1", &sealed), Err(CryptoError::Open));
+        assert_eq!(
+            keyring(2).open_funding("vc_1", &sealed),
+            Err(CryptoError::Open)
+        );
         assert_eq!(k.open_funding("vc_2", &sealed), Err(CryptoError::Open));
-        let swapped = Sealed { funding_pan: sealed.token_pan.clone(), ..sealed.clone() };
+        let swapped = Sealed {
+            funding_pan: sealed.token_pan.clone(),
+            ..sealed.clone()
+        };
         assert_eq!(k.open_funding("vc_1", &swapped), Err(CryptoError::Open));
         let other = k.seal("vc_2", &funding, &token).unwrap();
-        let moved = Sealed { funding_pan: other.funding_pan, ..sealed.clone() };
+        let moved = Sealed {
+            funding_pan: other.funding_pan,
+            ..sealed.clone()
+        };
         assert_eq!(k.open_funding("vc_1", &moved), Err(CryptoError::Open));
-        let unknown = Sealed { key_version: 9, ..sealed };
-        assert_eq!(k.open_funding("vc_1", &unknown), Err(CryptoError::UnknownVersion(9)));
+        let unknown = Sealed {
+            key_version: 9,
+            ..sealed
+        };
+        assert_eq!(
+            k.open_funding("vc_1", &unknown),
+            Err(CryptoError::UnknownVersion(9))
+        );
     }
 
     #[test]
@@ -411,17 +457,40 @@ mod tests {
     fn index_and_cvv_are_keyed_and_stable() {
         let (funding, token) = pans();
         let (k1, k2) = (keyring(1), keyring(2));
-        assert_eq!(k1.pan_index(1, &token).unwrap(), k1.pan_index(1, &token).unwrap());
-        assert_ne!(k1.pan_index(1, &token).unwrap(), k2.pan_index(1, &token).unwrap());
-        assert_ne!(k1.pan_index(1, &token).unwrap(), k1.pan_index(1, &funding).unwrap());
+        assert_eq!(
+            k1.pan_index(1, &token).unwrap(),
+            k1.pan_index(1, &token).unwrap()
+        );
+        assert_ne!(
+            k1.pan_index(1, &token).unwrap(),
+            k2.pan_index(1, &token).unwrap()
+        );
+        assert_ne!(
+            k1.pan_index(1, &token).unwrap(),
+            k1.pan_index(1, &funding).unwrap()
+        );
         assert!(k1.pan_index(2, &token).is_err());
 
-        let exp = Expiry { month: 3, year: 2027 };
+        let exp = Expiry {
+            month: 3,
+            year: 2027,
+        };
         let cvv = k1.cvv(&token, exp);
         assert_eq!(cvv.expose().len(), 3);
         assert!(k1.verify_cvv(&token, exp, &cvv));
-        assert!(!k1.verify_cvv(&token, Expiry { month: 4, year: 2027 }, &cvv));
-        let wrong = Cvv::parse(&format!("{:03}", (cvv.expose().parse::<u32>().unwrap() + 1) % 1000)).unwrap();
+        assert!(!k1.verify_cvv(
+            &token,
+            Expiry {
+                month: 4,
+                year: 2027
+            },
+            &cvv
+        ));
+        let wrong = Cvv::parse(&format!(
+            "{:03}",
+            (cvv.expose().parse::<u32>().unwrap() + 1) % 1000
+        ))
+        .unwrap();
         assert!(!k1.verify_cvv(&token, exp, &wrong));
     }
 
@@ -432,7 +501,11 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for m in 1..=12u8 {
             for y in 2026..2126u16 {
-                seen.insert(k.cvv(&token, Expiry { month: m, year: y }).expose().to_string());
+                seen.insert(
+                    k.cvv(&token, Expiry { month: m, year: y })
+                        .expose()
+                        .to_string(),
+                );
             }
         }
         // 1 200 draws over 1 000 values: a uniform spread covers ~70%.
@@ -441,8 +514,14 @@ mod tests {
 
     #[test]
     fn key_check_value_tells_keys_apart() {
-        assert_eq!(keyring(1).current().check_value(), keyring(1).current().check_value());
-        assert_ne!(keyring(1).current().check_value(), keyring(2).current().check_value());
+        assert_eq!(
+            keyring(1).current().check_value(),
+            keyring(1).current().check_value()
+        );
+        assert_ne!(
+            keyring(1).current().check_value(),
+            keyring(2).current().check_value()
+        );
         assert_eq!(keyring(1).current().check_value().len(), 16);
         assert!(!format!("{:?}", keyring(1)).contains("0101"));
     }
@@ -456,6 +535,9 @@ mod tests {
             counts[usize::from(d.digit())] += 1;
         }
         assert!(!d.failed);
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

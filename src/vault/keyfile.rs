@@ -122,8 +122,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys");
         let path = generate(&keys).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let first = load(&keys).unwrap();
         assert!(matches!(generate(&keys), Err(KeyFileError::Exists { .. })));
         assert_eq!(*load(&keys).unwrap(), *first, "the key must be unchanged");
@@ -132,14 +138,20 @@ mod tests {
     #[test]
     fn load_refuses_readable_missing_and_malformed_keys() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(load(dir.path()), Err(KeyFileError::Missing { .. })));
+        assert!(matches!(
+            load(dir.path()),
+            Err(KeyFileError::Missing { .. })
+        ));
         let path = generate(dir.path()).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&path, "not hex\n").unwrap();
-        assert!(matches!(load(dir.path()), Err(KeyFileError::Malformed { .. })));
+        assert!(matches!(
+            load(dir.path()),
+            Err(KeyFileError::Malformed { .. })
+        ));
         // The error never echoes the file's content.
         fs::write(&path, format!("{}zz\n", "ab".repeat(31))).unwrap();
         assert!(!load(dir.path()).unwrap_err().to_string().contains("abab"));

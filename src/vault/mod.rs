@@ -16,11 +16,14 @@ use time::OffsetDateTime;
 use crate::domain::card::{ChangeError, PolicyBounds, PolicyInput};
 use crate::domain::decision::{self, Attempt, ResponseCode};
 use crate::domain::number::NumberPlan;
-use crate::domain::{Card, CardId, CardPolicy, CardState, Cvv, Expiry, FieldError, Mcc, MerchantId, Money, Owner, Pan};
+use crate::domain::{
+    Card, CardId, CardPolicy, CardState, Cvv, Expiry, FieldError, Mcc, MerchantId, Money, Owner,
+    Pan,
+};
 use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
 use crate::vault::records::{
-    card_key, decode, funding_key, idempotency_key, owner_key, owner_prefix, pan_key, reversal_key, txn_key,
-    CardRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
+    card_key, decode, funding_key, idempotency_key, owner_key, owner_prefix, pan_key, reversal_key,
+    txn_key, CardRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
 };
 pub use crate::vault::store::{Store, StoreError, Write};
 
@@ -71,7 +74,9 @@ impl From<ChangeError> for VaultError {
 fn crypto_error(card_id: &str) -> impl Fn(CryptoError) -> VaultError + '_ {
     move |e| {
         tracing::error!(card_id, error = %e, "a sealed card number failed to open");
-        VaultError::Internal(format!("the sealed numbers of card {card_id} cannot be opened"))
+        VaultError::Internal(format!(
+            "the sealed numbers of card {card_id} cannot be opened"
+        ))
     }
 }
 
@@ -274,12 +279,15 @@ impl Vault {
     /// The card a number belongs to, under any loaded index key version.
     async fn find_card(&self, pan: &Pan) -> Result<Option<CardId>, VaultError> {
         for v in self.keys.index_versions() {
-            let idx = self.keys.pan_index(v, pan).map_err(|e| VaultError::Internal(e.to_string()))?;
+            let idx = self
+                .keys
+                .pan_index(v, pan)
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
             if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
                 let id = String::from_utf8(id).unwrap_or_default();
-                return CardId::parse("card_id", &id)
-                    .map(Some)
-                    .map_err(|_| VaultError::Internal("a stored number index entry is unreadable".into()));
+                return CardId::parse("card_id", &id).map(Some).map_err(|_| {
+                    VaultError::Internal("a stored number index entry is unreadable".into())
+                });
             }
         }
         Ok(None)
@@ -288,7 +296,10 @@ impl Vault {
     /// Whether `pan` was ever seen as a funding card, under any version.
     async fn is_known_funding(&self, pan: &Pan) -> Result<bool, VaultError> {
         for v in self.keys.index_versions() {
-            let idx = self.keys.pan_index(v, pan).map_err(|e| VaultError::Internal(e.to_string()))?;
+            let idx = self
+                .keys
+                .pan_index(v, pan)
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
             if self.store.get(&funding_key(v, &idx)).await?.is_some() {
                 return Ok(true);
             }
@@ -307,9 +318,15 @@ impl Vault {
 
     fn issue_fingerprint(&self, req: &IssueRequest) -> Vec<u8> {
         let p = &req.policy;
-        let money = |m: Option<Money>| m.map(|m| format!("{}{}", m.amount_minor(), m.currency())).unwrap_or_default();
+        let money = |m: Option<Money>| {
+            m.map(|m| format!("{}{}", m.amount_minor(), m.currency()))
+                .unwrap_or_default()
+        };
         let mccs = |v: &[Mcc]| v.iter().map(Mcc::to_string).collect::<Vec<_>>().join(",");
-        let valid_until = p.valid_until.map(|t| t.unix_timestamp().to_string()).unwrap_or_default();
+        let valid_until = p
+            .valid_until
+            .map(|t| t.unix_timestamp().to_string())
+            .unwrap_or_default();
         self.keys.fingerprint(&[
             b"issue",
             req.funding_pan.expose().as_bytes(),
@@ -317,7 +334,11 @@ impl Vault {
             money(p.per_transaction_limit).as_bytes(),
             &p.max_uses.max(1).to_be_bytes(),
             valid_until.as_bytes(),
-            p.merchant_id.as_ref().map(MerchantId::as_str).unwrap_or("").as_bytes(),
+            p.merchant_id
+                .as_ref()
+                .map(MerchantId::as_str)
+                .unwrap_or("")
+                .as_bytes(),
             &[u8::from(p.lock_to_first_merchant)],
             mccs(&p.allowed_mccs).as_bytes(),
             mccs(&p.blocked_mccs).as_bytes(),
@@ -325,21 +346,30 @@ impl Vault {
     }
 
     /// The card an idempotency key already made, with its number and CVV.
-    async fn replay_issue(&self, record: &[u8], fingerprint: &[u8], scope: Scope<'_>) -> Result<IssuedCard, VaultError> {
+    async fn replay_issue(
+        &self,
+        record: &[u8],
+        fingerprint: &[u8],
+        scope: Scope<'_>,
+    ) -> Result<IssuedCard, VaultError> {
         let idem: IdempotencyRecord = decode("idempotency", record)?;
         if idem.fingerprint != fingerprint {
             return Err(VaultError::AlreadyExists(
                 "idempotency_key was already used for a card with other parameters".into(),
             ));
         }
-        let id = CardId::parse("card_id", &idem.card_id)
-            .map_err(|_| VaultError::Internal("a stored idempotency record is unreadable".into()))?;
+        let id = CardId::parse("card_id", &idem.card_id).map_err(|_| {
+            VaultError::Internal("a stored idempotency record is unreadable".into())
+        })?;
         let rec = self.load(&id).await?;
         let card = rec.card()?;
         if !scope.allows(&card.owner) {
             return Err(VaultError::NotFound(format!("card {id}")));
         }
-        let pan = self.keys.open_token(id.as_str(), &rec.sealed()?).map_err(crypto_error(id.as_str()))?;
+        let pan = self
+            .keys
+            .open_token(id.as_str(), &rec.sealed()?)
+            .map_err(crypto_error(id.as_str()))?;
         let cvv = self.keys.cvv(&pan, card.expiry);
         Ok(IssuedCard {
             card,
@@ -353,17 +383,25 @@ impl Vault {
     pub async fn issue(&self, req: IssueRequest) -> Result<IssuedCard, VaultError> {
         let now = self.now();
         let mut policy = CardPolicy::new(req.policy.clone(), now, self.config.bounds)?;
-        policy.valid_until = policy.valid_until.replace_nanosecond(0).unwrap_or(policy.valid_until);
+        policy.valid_until = policy
+            .valid_until
+            .replace_nanosecond(0)
+            .unwrap_or(policy.valid_until);
         self.config
             .plan
             .check_len(req.funding_pan.len())
             .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
 
         let fingerprint = self.issue_fingerprint(&req);
-        let idem_key = req.idempotency_key.as_deref().map(|k| idempotency_key(&req.owner, k));
+        let idem_key = req
+            .idempotency_key
+            .as_deref()
+            .map(|k| idempotency_key(&req.owner, k));
         if let Some(k) = &idem_key {
             if let Some(existing) = self.store.get(k).await? {
-                return self.replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner)).await;
+                return self
+                    .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                    .await;
             }
         }
         if self.find_card(&req.funding_pan).await?.is_some() {
@@ -376,7 +414,10 @@ impl Vault {
 
         let version = self.keys.current_version();
         let crypto = |e: CryptoError| VaultError::Internal(e.to_string());
-        let funding_idx = self.keys.pan_index(version, &req.funding_pan).map_err(crypto)?;
+        let funding_idx = self
+            .keys
+            .pan_index(version, &req.funding_pan)
+            .map_err(crypto)?;
         let expiry = Expiry::of(policy.valid_until);
 
         for _ in 0..MAX_NUMBER_DRAWS {
@@ -388,11 +429,16 @@ impl Vault {
                     .candidate(&req.funding_pan, &mut rng)
                     .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
                 if rng.failed {
-                    return Err(VaultError::Internal("the system random number generator failed".into()));
+                    return Err(VaultError::Internal(
+                        "the system random number generator failed".into(),
+                    ));
                 }
                 pan
             };
-            if pan == req.funding_pan || self.find_card(&pan).await?.is_some() || self.is_known_funding(&pan).await? {
+            if pan == req.funding_pan
+                || self.find_card(&pan).await?.is_some()
+                || self.is_known_funding(&pan).await?
+            {
                 continue;
             }
             let idx = self.keys.pan_index(version, &pan).map_err(crypto)?;
@@ -410,7 +456,10 @@ impl Vault {
                 failed_verifications: 0,
                 created_at: now,
             };
-            let sealed = self.keys.seal(id.as_str(), &req.funding_pan, &pan).map_err(crypto)?;
+            let sealed = self
+                .keys
+                .seal(id.as_str(), &req.funding_pan, &pan)
+                .map_err(crypto)?;
             let record = prost::Message::encode_to_vec(&CardRecord::new(&card, &sealed));
 
             let mut keys = vec![pan_key(version, &idx), funding_key(version, &idx)];
@@ -451,7 +500,9 @@ impl Vault {
             match outcome {
                 Outcome::Collision => continue,
                 Outcome::IdempotencyRace(existing) => {
-                    return self.replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner)).await
+                    return self
+                        .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                        .await
                 }
                 Outcome::Created => {
                     let cvv = self.keys.cvv(&pan, expiry);
@@ -480,23 +531,34 @@ impl Vault {
 
     /// One page of an owner's cards, newest first, and the token of the next
     /// page when there is one.
-    pub async fn list(&self, owner: &Owner, page_size: usize, page_token: &str) -> Result<(Vec<Card>, String), VaultError> {
+    pub async fn list(
+        &self,
+        owner: &Owner,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Card>, String), VaultError> {
         let prefix = owner_prefix(owner);
         let after = if page_token.is_empty() {
             None
         } else {
-            let rest = hex::decode(page_token)
-                .map_err(|_| FieldError::new("page_token", "is not a token returned by ListCards"))?;
+            let rest = hex::decode(page_token).map_err(|_| {
+                FieldError::new("page_token", "is not a token returned by ListCards")
+            })?;
             Some([prefix.clone(), rest].concat())
         };
-        let entries = self.store.scan(&prefix, after.as_deref(), page_size + 1).await?;
+        let entries = self
+            .store
+            .scan(&prefix, after.as_deref(), page_size + 1)
+            .await?;
         let more = entries.len() > page_size;
         let mut cards = Vec::with_capacity(page_size.min(entries.len()));
         for (key, _) in entries.iter().take(page_size) {
             let id = std::str::from_utf8(&key[prefix.len() + 8..])
                 .ok()
                 .and_then(|s| CardId::parse("card_id", s).ok())
-                .ok_or_else(|| VaultError::Internal("a stored owner list entry is unreadable".into()))?;
+                .ok_or_else(|| {
+                    VaultError::Internal("a stored owner list entry is unreadable".into())
+                })?;
             cards.push(self.load(&id).await?.card()?);
         }
         let next = match (more, entries.get(page_size.saturating_sub(1))) {
@@ -515,11 +577,14 @@ impl Vault {
         change: &(dyn Fn(&mut Card) -> Result<(), ChangeError> + Sync),
     ) -> Result<Card, VaultError> {
         let key = card_key(id);
-        let mut result: Result<Card, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        let mut result: Result<Card, VaultError> =
+            Err(VaultError::Internal("no decision made".into()));
         self.store
             .update(std::slice::from_ref(&key), &mut |v| {
                 let step = || -> Result<(Card, Vec<Write>), VaultError> {
-                    let bytes = v[0].as_ref().ok_or_else(|| VaultError::NotFound(format!("card {id}")))?;
+                    let bytes = v[0]
+                        .as_ref()
+                        .ok_or_else(|| VaultError::NotFound(format!("card {id}")))?;
                     let mut rec: CardRecord = decode("card", bytes)?;
                     let mut card = rec.card()?;
                     if !scope.allows(&card.owner) {
@@ -531,7 +596,10 @@ impl Vault {
                         return Ok((card, vec![]));
                     }
                     rec.set_card(&card);
-                    Ok((card, vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))]))
+                    Ok((
+                        card,
+                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))],
+                    ))
                 };
                 match step() {
                     Ok((card, writes)) => {
@@ -586,7 +654,11 @@ impl Vault {
             req.cvv.expose().as_bytes(),
             &req.amount.amount_minor().to_be_bytes(),
             req.amount.currency().code().as_bytes(),
-            req.merchant_id.as_ref().map(MerchantId::as_str).unwrap_or("").as_bytes(),
+            req.merchant_id
+                .as_ref()
+                .map(MerchantId::as_str)
+                .unwrap_or("")
+                .as_bytes(),
             req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
         ])
     }
@@ -604,18 +676,24 @@ impl Vault {
         let mut keys = vec![tkey.clone()];
         keys.extend(card_id.as_ref().map(card_key));
 
-        let mut result: Result<AuthorizeOutcome, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        let mut result: Result<AuthorizeOutcome, VaultError> =
+            Err(VaultError::Internal("no decision made".into()));
         self.store
-            .update(&keys, &mut |v| {
-                match self.decide(req, &fingerprint, card_id.as_ref(), &authorization_id, now, v) {
-                    Ok((outcome, writes)) => {
-                        result = Ok(outcome);
-                        writes
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        vec![]
-                    }
+            .update(&keys, &mut |v| match self.decide(
+                req,
+                &fingerprint,
+                card_id.as_ref(),
+                &authorization_id,
+                now,
+                v,
+            ) {
+                Ok((outcome, writes)) => {
+                    result = Ok(outcome);
+                    writes
+                }
+                Err(e) => {
+                    result = Err(e);
+                    vec![]
                 }
             })
             .await?;
@@ -648,7 +726,11 @@ impl Vault {
     ) -> Result<(AuthorizeOutcome, Vec<Write>), VaultError> {
         let card_rec = match v.get(1) {
             Some(Some(bytes)) => Some(decode::<CardRecord>("card", bytes)?),
-            Some(None) => return Err(VaultError::Internal("a number index points to a missing card".into())),
+            Some(None) => {
+                return Err(VaultError::Internal(
+                    "a number index points to a missing card".into(),
+                ))
+            }
             None => None,
         };
         let funding = |rec: &CardRecord| {
@@ -674,8 +756,9 @@ impl Vault {
                     vec![],
                 ));
             }
-            let code = ResponseCode::from_reason(&t.reason)
-                .ok_or_else(|| VaultError::Internal("a stored transaction record is unreadable".into()))?;
+            let code = ResponseCode::from_reason(&t.reason).ok_or_else(|| {
+                VaultError::Internal("a stored transaction record is unreadable".into())
+            })?;
             let currency = crate::domain::Currency::parse(&t.currency).ok();
             let funding_pan = match (&card_rec, code.is_approved()) {
                 (Some(rec), true) => Some(funding(rec)?),
@@ -711,7 +794,13 @@ impl Vault {
                 remaining: None,
                 replayed: false,
             };
-            return Ok((outcome, vec![Write::Put(txn_key(&req.transaction_id), prost::Message::encode_to_vec(&txn))]));
+            return Ok((
+                outcome,
+                vec![Write::Put(
+                    txn_key(&req.transaction_id),
+                    prost::Message::encode_to_vec(&txn),
+                )],
+            ));
         };
 
         let mut card = rec.card()?;
@@ -723,10 +812,19 @@ impl Vault {
             mcc: req.mcc,
         };
         let before = card.clone();
-        let code = decision::authorize(&mut card, &attempt, now, self.config.max_failed_verifications);
+        let code = decision::authorize(
+            &mut card,
+            &attempt,
+            now,
+            self.config.max_failed_verifications,
+        );
         // Open the funding number before approving: a record that cannot
         // be opened is an error, never an approval without a number.
-        let funding_pan = if code.is_approved() { Some(funding(&rec)?) } else { None };
+        let funding_pan = if code.is_approved() {
+            Some(funding(&rec)?)
+        } else {
+            None
+        };
         let remaining = card.remaining();
         txn.card_id = id.as_str().to_string();
         txn.reason = code.reason().to_string();
@@ -734,10 +832,16 @@ impl Vault {
         if code.is_approved() {
             txn.authorization_id = authorization_id.to_string();
         }
-        let mut writes = vec![Write::Put(txn_key(&req.transaction_id), prost::Message::encode_to_vec(&txn))];
+        let mut writes = vec![Write::Put(
+            txn_key(&req.transaction_id),
+            prost::Message::encode_to_vec(&txn),
+        )];
         if card != before {
             rec.set_card(&card);
-            writes.push(Write::Put(card_key(id), prost::Message::encode_to_vec(&rec)));
+            writes.push(Write::Put(
+                card_key(id),
+                prost::Message::encode_to_vec(&rec),
+            ));
         }
         Ok((
             AuthorizeOutcome {
@@ -767,15 +871,24 @@ impl Vault {
         let fingerprint = self.keys.fingerprint(&[
             b"reverse",
             req.transaction_id.as_bytes(),
-            req.amount.map(|m| format!("{}{}", m.amount_minor(), m.currency())).unwrap_or_default().as_bytes(),
+            req.amount
+                .map(|m| format!("{}{}", m.amount_minor(), m.currency()))
+                .unwrap_or_default()
+                .as_bytes(),
         ]);
         let card_id = CardId::parse("card_id", &txn.card_id).ok();
         let mut keys = vec![tkey.clone()];
-        keys.push(card_id.as_ref().map(card_key).unwrap_or_else(|| tkey.clone()));
+        keys.push(
+            card_id
+                .as_ref()
+                .map(card_key)
+                .unwrap_or_else(|| tkey.clone()),
+        );
         let rkey = req.reversal_id.as_deref().map(reversal_key);
         keys.extend(rkey.clone());
 
-        let mut result: Result<ReverseOutcome, VaultError> = Err(VaultError::Internal("no decision made".into()));
+        let mut result: Result<ReverseOutcome, VaultError> =
+            Err(VaultError::Internal("no decision made".into()));
         self.store
             .update(&keys, &mut |v| {
                 let step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
@@ -783,7 +896,11 @@ impl Vault {
                         let r: ReversalRecord = decode("reversal", prev)?;
                         if r.fingerprint != fingerprint {
                             return Ok((
-                                ReverseOutcome { reversed: false, response_code: "94", remaining: None },
+                                ReverseOutcome {
+                                    reversed: false,
+                                    response_code: "94",
+                                    remaining: None,
+                                },
                                 vec![],
                             ));
                         }
@@ -799,10 +916,18 @@ impl Vault {
                     }
                     let mut txn: TxnRecord = decode(
                         "transaction",
-                        v[0].as_deref().ok_or_else(|| VaultError::Internal("transaction vanished".into()))?,
+                        v[0].as_deref()
+                            .ok_or_else(|| VaultError::Internal("transaction vanished".into()))?,
                     )?;
                     let (Some(id), Some(Some(card_bytes))) = (&card_id, v.get(1)) else {
-                        return Ok((ReverseOutcome { reversed: false, response_code: "12", remaining: None }, vec![]));
+                        return Ok((
+                            ReverseOutcome {
+                                reversed: false,
+                                response_code: "12",
+                                remaining: None,
+                            },
+                            vec![],
+                        ));
                     };
                     let mut rec: CardRecord = decode("card", card_bytes)?;
                     let mut card = rec.card()?;
@@ -822,7 +947,10 @@ impl Vault {
                         if req.amount.is_none() && left == 0 {
                             // A full reversal retried: already done.
                             answer(true, "00", &card)
-                        } else if amount.currency() != currency || amount.amount_minor() <= 0 || amount.amount_minor() > left {
+                        } else if amount.currency() != currency
+                            || amount.amount_minor() <= 0
+                            || amount.amount_minor() > left
+                        {
                             answer(false, "13", &card)
                         } else {
                             decision::reverse(&mut card, amount);
@@ -834,8 +962,14 @@ impl Vault {
                     let mut writes = vec![];
                     if changed {
                         rec.set_card(&card);
-                        writes.push(Write::Put(card_key(id), prost::Message::encode_to_vec(&rec)));
-                        writes.push(Write::Put(tkey.clone(), prost::Message::encode_to_vec(&txn)));
+                        writes.push(Write::Put(
+                            card_key(id),
+                            prost::Message::encode_to_vec(&rec),
+                        ));
+                        writes.push(Write::Put(
+                            tkey.clone(),
+                            prost::Message::encode_to_vec(&txn),
+                        ));
                     }
                     if let Some(k) = &rkey {
                         let r = ReversalRecord {
@@ -892,5 +1026,8 @@ impl Vault {
 }
 
 fn static_code(code: &str) -> &'static str {
-    ["00", "12", "13", "94"].into_iter().find(|c| *c == code).unwrap_or("12")
+    ["00", "12", "13", "94"]
+        .into_iter()
+        .find(|c| *c == code)
+        .unwrap_or("12")
 }

@@ -174,7 +174,8 @@ pub struct IdempotencyRecord {
 }
 
 pub fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, VaultError> {
-    M::decode(bytes).map_err(|_| VaultError::Internal(format!("a stored {what} record is unreadable")))
+    M::decode(bytes)
+        .map_err(|_| VaultError::Internal(format!("a stored {what} record is unreadable")))
 }
 
 fn state_code(s: CardState) -> u32 {
@@ -222,7 +223,11 @@ impl CardRecord {
         self.max_uses = p.max_uses;
         self.uses = card.uses;
         self.valid_until = p.valid_until.unix_timestamp();
-        self.merchant_id = p.merchant_id.as_ref().map(|m| m.as_str().to_string()).unwrap_or_default();
+        self.merchant_id = p
+            .merchant_id
+            .as_ref()
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default();
         self.lock_to_first_merchant = p.lock_to_first_merchant;
         self.allowed_mccs = p.allowed_mccs.iter().map(|m| m.to_string()).collect();
         self.blocked_mccs = p.blocked_mccs.iter().map(|m| m.to_string()).collect();
@@ -233,7 +238,10 @@ impl CardRecord {
     }
 
     pub fn sealed(&self) -> Result<Sealed, VaultError> {
-        let s = self.sealed.as_ref().ok_or_else(|| corrupt(&self.card_id, "sealed numbers"))?;
+        let s = self
+            .sealed
+            .as_ref()
+            .ok_or_else(|| corrupt(&self.card_id, "sealed numbers"))?;
         Ok(Sealed {
             key_version: s.key_version,
             wrapped_dek: s.wrapped_dek.clone(),
@@ -248,7 +256,11 @@ impl CardRecord {
         let id = &self.card_id;
         let c = |what: &str| corrupt(id, what);
         let currency = Currency::parse(&self.currency).map_err(|_| c("currency"))?;
-        let mccs = |v: &[String]| v.iter().map(|s| Mcc::parse(s)).collect::<Result<Vec<_>, _>>();
+        let mccs = |v: &[String]| {
+            v.iter()
+                .map(|s| Mcc::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+        };
         let time = |t: i64| OffsetDateTime::from_unix_timestamp(t);
         Ok(Card {
             id: CardId::parse("card_id", id).map_err(|_| c("id"))?,

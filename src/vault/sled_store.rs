@@ -91,7 +91,9 @@ impl SledStore {
             std::thread::Builder::new()
                 .name("vcn-flusher".into())
                 .spawn(move || flush_loop(&db, &commit))
-                .map_err(|e| StoreError::Unavailable(format!("cannot start the flusher thread: {e}")))?
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot start the flusher thread: {e}"))
+                })?
         };
         Ok(SledStore {
             db,
@@ -176,7 +178,9 @@ impl SledStore {
             return Ok(());
         }
         let reason = state.failed.map(|(_, e)| e).unwrap_or_default();
-        Err(StoreError::Unavailable(format!("could not make the write durable: {reason}")))
+        Err(StoreError::Unavailable(format!(
+            "could not make the write durable: {reason}"
+        )))
     }
 }
 
@@ -234,7 +238,10 @@ fn io_error(e: sled::Error) -> StoreError {
 
 fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
     let msg = e.to_string();
-    if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable") {
+    if msg.contains("lock")
+        || msg.contains("WouldBlock")
+        || msg.contains("Resource temporarily unavailable")
+    {
         return StoreError::Unavailable(format!(
             "the data directory {} is in use by another process (is another `vcn serve` running?)",
             dir.display()
@@ -333,14 +340,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
         s.update(&[], &mut |_| {
-            vec![put("o/a1", ""), put("o/a2", ""), put("o/a3", ""), put("o/b1", ""), put("p/x", "")]
+            vec![
+                put("o/a1", ""),
+                put("o/a2", ""),
+                put("o/a3", ""),
+                put("o/b1", ""),
+                put("p/x", ""),
+            ]
         })
         .await
         .unwrap();
-        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
-        assert_eq!(keys(s.scan(b"o/a", None, 10).await.unwrap()), ["o/a1", "o/a2", "o/a3"]);
-        assert_eq!(keys(s.scan(b"o/a", None, 2).await.unwrap()), ["o/a1", "o/a2"]);
-        assert_eq!(keys(s.scan(b"o/a", Some(b"o/a2"), 2).await.unwrap()), ["o/a3"]);
+        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| {
+            v.into_iter()
+                .map(|(k, _)| String::from_utf8(k).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(s.scan(b"o/a", None, 10).await.unwrap()),
+            ["o/a1", "o/a2", "o/a3"]
+        );
+        assert_eq!(
+            keys(s.scan(b"o/a", None, 2).await.unwrap()),
+            ["o/a1", "o/a2"]
+        );
+        assert_eq!(
+            keys(s.scan(b"o/a", Some(b"o/a2"), 2).await.unwrap()),
+            ["o/a3"]
+        );
         assert!(s.scan(b"q/", None, 10).await.unwrap().is_empty());
     }
 
@@ -354,7 +380,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..25 {
                     s.update(&[b"n".to_vec()], &mut |v| {
-                        let n: u64 = v[0].as_deref().map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
+                        let n: u64 = v[0]
+                            .as_deref()
+                            .map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
                         vec![put("n", &(n + 1).to_string())]
                     })
                     .await
@@ -366,6 +394,9 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(s.get(b"n").await.unwrap(), Some(b"400".to_vec()));
-        assert!(s.commit.flushed.borrow().upto >= 400, "every write was flushed before its reply");
+        assert!(
+            s.commit.flushed.borrow().upto >= 400,
+            "every write was flushed before its reply"
+        );
     }
 }

@@ -1,0 +1,103 @@
+//! Authentication and roles: every RPC but health carries
+//! `authorization: Bearer <api key>`; the key names a client; the client's
+//! role says which service it may call.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::clients::{Client, Registry, Role};
+use crate::domain::Owner;
+use crate::vault::Scope;
+
+/// Checks the key and role of every call to one service, and hands the
+/// client to the handler in the request's extensions.
+#[derive(Clone)]
+pub struct Authenticator {
+    registry: Arc<Registry>,
+    /// Roles allowed to call the service this guards.
+    allowed: &'static [Role],
+    /// The service's name, for messages and logs.
+    service: &'static str,
+}
+
+impl Authenticator {
+    pub fn new(registry: Arc<Registry>, service: &'static str, allowed: &'static [Role]) -> Self {
+        Authenticator {
+            registry,
+            allowed,
+            service,
+        }
+    }
+}
+
+/// The authenticated client of a request.
+#[derive(Clone)]
+struct Caller(Arc<Client>);
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let key = header.and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+        let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else {
+            tracing::warn!(%peer, service = self.service, "call without an API key refused");
+            return Err(Status::unauthenticated(
+                "missing API key: send metadata `authorization: Bearer <api key>`",
+            ));
+        };
+        let Some(client) = self.registry.authenticate(key) else {
+            tracing::warn!(%peer, service = self.service, "call with an unknown API key refused");
+            return Err(Status::unauthenticated("unknown API key"));
+        };
+        if !self.allowed.contains(&client.role) {
+            tracing::warn!(%peer, client = %client.name, role = client.role.as_str(), service = self.service, "call refused: wrong role");
+            let roles: Vec<_> = self.allowed.iter().map(|r| r.as_str()).collect();
+            return Err(Status::permission_denied(format!(
+                "client {} has role {}; {} needs role {}",
+                client.name,
+                client.role.as_str(),
+                self.service,
+                roles.join(" or ")
+            )));
+        }
+        req.extensions_mut().insert(Caller(client));
+        Ok(req)
+    }
+}
+
+/// The client that made a request (set by [`Authenticator`]).
+pub fn caller<T>(req: &Request<T>) -> Result<Arc<Client>, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .ok_or_else(|| Status::unauthenticated("no authenticated client"))
+}
+
+/// Which cards a client may see: a client pinned to an owner sees that
+/// owner's only.
+pub fn scope(client: &Client) -> Scope<'_> {
+    match (&client.role, &client.owner) {
+        (Role::Cards, Some(owner)) => Scope::Owner(owner),
+        _ => Scope::Any,
+    }
+}
+
+/// The owner a request acts for: the one it names, which a pinned client
+/// may leave empty and may not set to another owner.
+pub fn resolve_owner(client: &Client, requested: &str) -> Result<Owner, Status> {
+    match scope(client) {
+        Scope::Owner(own) if requested.is_empty() || requested == own.as_str() => Ok(own.clone()),
+        Scope::Owner(_) => Err(Status::permission_denied(format!(
+            "client {} acts for one owner only: leave owner empty or give its own",
+            client.name
+        ))),
+        Scope::Any => Owner::parse("owner", requested).map_err(Status::from),
+    }
+}

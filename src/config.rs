@@ -1,0 +1,168 @@
+//! The service's configuration: a TOML file (`--config`), overridden by
+//! command-line flags. Every setting has a default, so `vcn serve` runs with
+//! no file at all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::card::PolicyBounds;
+use crate::domain::number::NumberPlan;
+use crate::vault::sled_store::SledOptions;
+use crate::vault::VaultConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Where the vault (sled) keeps its data.
+    pub data_dir: PathBuf,
+    /// Where the master key and the clients file live.
+    pub keys_dir: PathBuf,
+    /// Create a development master key when none exists and the data
+    /// directory is new. Set false in production: a missing key then stops
+    /// the server instead.
+    pub dev_keys: bool,
+    /// Digits of the funding card kept at the front of a virtual number: 6 or 8.
+    pub bin_length: usize,
+    /// Digits placed after the BIN in every virtual number, to keep them out
+    /// of the bank's real card ranges ("" for none, at most 6 digits).
+    pub range_prefix: String,
+    /// Validity of a card issued without valid_until.
+    pub default_validity_days: i64,
+    /// Furthest valid_until a card may be given.
+    pub max_validity_days: i64,
+    /// Wrong CVVs or expiries in a row that block a card.
+    pub max_failed_verifications: u32,
+    /// How long an issued number stays reserved after its card ends, so that
+    /// late refunds and chargebacks still map (13 months). Numbers are kept
+    /// for as long as their card's record exists; purging comes later.
+    pub quarantine_days: i64,
+    /// sled's cache, in MiB: bounds the server's memory.
+    pub cache_capacity_mib: u64,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("data"),
+            keys_dir: PathBuf::from("keys"),
+            dev_keys: true,
+            bin_length: 6,
+            range_prefix: String::new(),
+            default_validity_days: 30,
+            max_validity_days: 5 * 366,
+            max_failed_verifications: 3,
+            quarantine_days: 396,
+            cache_capacity_mib: 256,
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.vault()?;
+        Ok(config)
+    }
+
+    /// The vault's settings, checked.
+    pub fn vault(&self) -> Result<VaultConfig, ConfigError> {
+        let plan = NumberPlan::new(self.bin_length, &self.range_prefix)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.default_validity_days < 1 || self.max_validity_days < self.default_validity_days {
+            return Err(ConfigError::Invalid(
+                "default_validity_days must be at least 1 and at most max_validity_days".into(),
+            ));
+        }
+        if self.max_failed_verifications == 0 {
+            return Err(ConfigError::Invalid(
+                "max_failed_verifications must be at least 1".into(),
+            ));
+        }
+        Ok(VaultConfig {
+            plan,
+            bounds: PolicyBounds {
+                default_validity: time::Duration::days(self.default_validity_days),
+                max_validity: time::Duration::days(self.max_validity_days),
+            },
+            max_failed_verifications: self.max_failed_verifications,
+        })
+    }
+
+    pub fn sled(&self) -> SledOptions {
+        SledOptions {
+            cache_capacity: self.cache_capacity_mib * 1024 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_files_override_them() {
+        assert!(Config::default().vault().is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(
+            &path,
+            "bin_length = 8\nrange_prefix = \"9\"\nlisten = \"127.0.0.1:6000\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            (c.bin_length, c.range_prefix.as_str(), c.listen.port()),
+            (8, "9", 6000)
+        );
+        assert_eq!(c.max_failed_verifications, 3);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(&path, "bin_length = 7\n").unwrap();
+        assert!(Config::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("bin_length"));
+        std::fs::write(&path, "bin_lenght = 6\n").unwrap();
+        assert!(Config::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("bin_lenght"));
+        assert!(matches!(
+            Config::load(&dir.path().join("none.toml")),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

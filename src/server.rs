@@ -1,0 +1,230 @@
+//! Running the service: open keys, vault and clients, serve gRPC (with
+//! health and reflection) until told to stop, then drain and flush.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::auth::Authenticator;
+use crate::api::cards::CardApi;
+use crate::api::pb::authorization_service_server::AuthorizationServiceServer;
+use crate::api::pb::card_service_server::CardServiceServer;
+use crate::api::switch::SwitchApi;
+use crate::clients::{ClientsError, Registry, Role};
+use crate::config::{Config, ConfigError};
+use crate::vault::crypto::Keyring;
+use crate::vault::keyfile::{self, KeyFileError};
+use crate::vault::sled_store::SledStore;
+use crate::vault::{system_clock, StoreError, Vault, VaultError};
+
+/// Why the service could not start (or stopped with an error). Each says
+/// what is wrong and, where it can, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] KeyFileError),
+    #[error("master key missing for an existing vault: {0}. The data in {1} can only be read with the key it was written with; restore that key")]
+    KeyLostForVault(KeyFileError, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Vault(#[from] VaultError),
+    #[error(transparent)]
+    Clients(#[from] ClientsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Whether `dir` already holds data (an existing installation).
+fn has_data(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Loads the master key, or creates a development one on a fresh
+/// installation when the configuration allows it.
+fn load_keys(config: &Config) -> Result<Keyring, StartError> {
+    match keyfile::load(&config.keys_dir) {
+        Ok(master) => Ok(Keyring::single(&master)),
+        Err(e @ KeyFileError::Missing { .. }) => {
+            if has_data(&config.data_dir) {
+                return Err(StartError::KeyLostForVault(
+                    e,
+                    config.data_dir.display().to_string(),
+                ));
+            }
+            if !config.dev_keys {
+                return Err(e.into());
+            }
+            let path = keyfile::generate(&config.keys_dir)?;
+            eprintln!(
+                "vcn: no master key found; created a DEVELOPMENT master key at {} (mode 0600). \
+                 For production, generate keys with `vcn keygen` and set dev_keys = false.",
+                path.display()
+            );
+            Ok(Keyring::single(&keyfile::load(&config.keys_dir)?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The opened service, ready to serve.
+pub struct Service {
+    /// The vault every handler shares.
+    pub vault: Arc<Vault>,
+    /// Registered clients, reloaded when the clients file changes.
+    pub registry: Arc<Registry>,
+    /// Largest request message accepted, in bytes.
+    max_message_bytes: usize,
+}
+
+impl Service {
+    pub async fn open(config: &Config) -> Result<Service, StartError> {
+        let vault_config = config.vault()?;
+        let keys = Arc::new(load_keys(config)?);
+        let store = SledStore::open(&config.data_dir, &config.sled())?;
+        let vault = Vault::open(Arc::new(store), keys, vault_config, system_clock()).await?;
+        let registry = Registry::open(&config.keys_dir)?;
+        if registry.is_empty() {
+            tracing::warn!(
+                "no API clients registered yet: add one with `vcn client add NAME --role cards|switch|admin`"
+            );
+        }
+        Ok(Service {
+            vault: Arc::new(vault),
+            registry: Arc::new(registry),
+            max_message_bytes: config.max_message_bytes,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops taking
+    /// calls, lets those in flight finish and makes the vault durable.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let addr = listener.local_addr().ok();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<CardServiceServer<CardApi>>().await;
+        health
+            .set_serving::<AuthorizationServiceServer<SwitchApi>>()
+            .await;
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        const ANY: &[Role] = &[Role::Cards, Role::Switch, Role::Admin];
+        let reflection = InterceptedService::new(
+            reflection,
+            Authenticator::new(self.registry.clone(), "ServerReflection", ANY),
+        );
+
+        let max = self.max_message_bytes;
+        let cards = InterceptedService::new(
+            CardServiceServer::new(CardApi::new(self.vault.clone())).max_decoding_message_size(max),
+            Authenticator::new(
+                self.registry.clone(),
+                "CardService",
+                &[Role::Cards, Role::Admin],
+            ),
+        );
+        let switch = InterceptedService::new(
+            AuthorizationServiceServer::new(SwitchApi::new(self.vault.clone()))
+                .max_decoding_message_size(max),
+            Authenticator::new(
+                self.registry.clone(),
+                "AuthorizationService",
+                &[Role::Switch],
+            ),
+        );
+
+        if let Some(addr) = addr {
+            tracing::info!(%addr, "vcn serving gRPC");
+        }
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let drain = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining calls in flight");
+                health.set_not_serving::<CardServiceServer<CardApi>>().await;
+                health
+                    .set_not_serving::<AuthorizationServiceServer<SwitchApi>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        };
+        let served = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(cards)
+            .add_service(switch)
+            .serve_with_incoming_shutdown(incoming, drain)
+            .await;
+        // Whatever happened, make what was written durable before exiting.
+        let synced = self.vault.sync().await;
+        served?;
+        synced?;
+        tracing::info!("vcn stopped");
+        Ok(())
+    }
+}
+
+/// Binds the configured address and serves until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let service = Service::open(&config).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    service.serve(listener, shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
