@@ -218,22 +218,28 @@ pub fn remove(keys_dir: &Path, name: &str) -> Result<(), ClientsError> {
 pub struct Registry {
     path: PathBuf,
     state: RwLock<Loaded>,
-    /// When the file was last looked at, in ms since `epoch`.
+    /// When the file was last looked at, in ms since `epoch`, plus one (0:
+    /// not yet).
     last_check_ms: AtomicU64,
     epoch: Instant,
 }
 
+/// What identifies one version of the clients file: it is always replaced
+/// by a rename, so a new version has a new inode even within one mtime tick.
+type Stamp = Option<(u64, SystemTime, u64)>;
+
 #[derive(Default)]
 struct Loaded {
-    modified: Option<SystemTime>,
-    len: u64,
+    stamp: Stamp,
     by_hash: HashMap<String, Arc<Client>>,
 }
 
-/// How often a server looks at the clients file for changes.
+/// How often a server looks at the clients file for changes (removals are
+/// seen within this).
 const RECHECK: Duration = Duration::from_millis(1000);
-/// How soon after a look an unknown key may trigger another one.
-const RECHECK_ON_MISS: Duration = Duration::from_millis(100);
+/// An unknown key looks at the file at once (a stat), so a client added
+/// while the server runs works on its first call.
+const RECHECK_ON_MISS: Duration = Duration::ZERO;
 
 impl Registry {
     pub fn open(keys_dir: &Path) -> Result<Registry, ClientsError> {
@@ -255,14 +261,14 @@ impl Registry {
         self.len() == 0
     }
 
-    fn stamp(&self) -> (Option<SystemTime>, u64) {
-        fs::metadata(&self.path)
-            .map(|m| (m.modified().ok(), m.len()))
-            .unwrap_or((None, 0))
+    fn stamp(&self) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&self.path).ok()?;
+        Some((m.ino(), m.modified().ok()?, m.len()))
     }
 
     fn reload(&self) -> Result<(), ClientsError> {
-        let (modified, len) = self.stamp();
+        let stamp = self.stamp();
         let file = read(&self.path)?;
         let mut by_hash = HashMap::new();
         for c in file.clients {
@@ -284,11 +290,7 @@ impl Registry {
             );
         }
         if let Ok(mut s) = self.state.write() {
-            *s = Loaded {
-                modified,
-                len,
-                by_hash,
-            };
+            *s = Loaded { stamp, by_hash };
         }
         Ok(())
     }
@@ -296,22 +298,21 @@ impl Registry {
     /// Reloads the file if it changed since it was read, at most once per
     /// `min_gap`.
     fn refresh(&self, min_gap: Duration) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last = self.last_check_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < min_gap.as_millis() as u64
-            || self
-                .last_check_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_check_ms.swap(now, Ordering::Relaxed);
+        if !min_gap.is_zero() && last != 0 && now.saturating_sub(last) < min_gap.as_millis() as u64
         {
+            // Not due yet: put back when the last look was.
+            let _ = self.last_check_ms.compare_exchange(
+                now,
+                last,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             return;
         }
         let stamp = self.stamp();
-        let changed = self
-            .state
-            .read()
-            .map(|s| (s.modified, s.len) != stamp)
-            .unwrap_or(true);
+        let changed = self.state.read().map(|s| s.stamp != stamp).unwrap_or(true);
         if changed {
             match self.reload() {
                 Ok(()) => tracing::info!(clients = self.len(), "clients file reloaded"),
@@ -402,7 +403,18 @@ mod tests {
         let reg = Registry::open(dir.path()).unwrap();
         assert!(reg.is_empty());
         let key = add(dir.path(), "late", Role::Switch, None).unwrap();
-        std::thread::sleep(RECHECK_ON_MISS + Duration::from_millis(20));
         assert_eq!(reg.authenticate(&key).unwrap().name, "late");
+        remove(dir.path(), "late").unwrap();
+        let other = add(dir.path(), "late", Role::Switch, None).unwrap();
+        assert_eq!(
+            reg.authenticate(&other).unwrap().name,
+            "late",
+            "a rewrite in the same instant is seen"
+        );
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(
+            reg.authenticate(&key).is_none(),
+            "the removed key stops working"
+        );
     }
 }

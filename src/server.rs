@@ -177,6 +177,9 @@ impl Service {
         };
         let served = tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
+            .layer(tower::util::MapResponseLayer::new(
+                oversized_is_resource_exhausted,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(cards)
@@ -190,6 +193,24 @@ impl Service {
         tracing::info!("vcn stopped");
         Ok(())
     }
+}
+
+/// tonic answers a request message over the size limit with OUT_OF_RANGE;
+/// gRPC's own convention (and grpc-go, grpc-java) is RESOURCE_EXHAUSTED,
+/// which is what clients retry-classify correctly. Rewrite that one case.
+fn oversized_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let headers = res.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| {
+            m.contains("message%20length%20too%20large") || m.contains("message length too large")
+        });
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    res
 }
 
 /// Binds the configured address and serves until SIGINT or SIGTERM.

@@ -73,12 +73,24 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| describe_open_error(dir, e))?;
+            .mode(sled::Mode::HighThroughput);
+        // sled releases its file lock when its last background task ends,
+        // which can be a moment after the previous handle was dropped (a
+        // restart in the same process): wait for it briefly.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && tries < 60 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(describe_open_error(dir, e)),
+            }
+        };
         let (tx, _) = watch::channel(Flushed::default());
         let commit = Arc::new(Commit {
             written: AtomicU64::new(0),
@@ -236,12 +248,13 @@ fn io_error(e: sled::Error) -> StoreError {
     }
 }
 
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
     let msg = e.to_string();
-    if msg.contains("lock")
-        || msg.contains("WouldBlock")
-        || msg.contains("Resource temporarily unavailable")
-    {
+    if is_lock_error(&e) {
         return StoreError::Unavailable(format!(
             "the data directory {} is in use by another process (is another `vcn serve` running?)",
             dir.display()

@@ -1,0 +1,315 @@
+//! The real `vcn` binary, as an operator and a newcomer use it.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const VCN: &str = env!("CARGO_BIN_EXE_vcn");
+
+/// A `vcn serve` process in `dir`, logging at TRACE to `dir/serve.log`.
+pub struct Served {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn serve(dir: &Path) -> Served {
+    let port = free_port();
+    let log = dir.join("serve.log");
+    let child = Command::new(VCN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Served { child, port, log }
+}
+
+impl Served {
+    /// SIGTERM, and the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn vcn(dir: &Path, port: u16, key: &str, args: &[&str]) -> Output {
+    Command::new(VCN)
+        .args(args)
+        .current_dir(dir)
+        .env("VCN_SERVER", format!("http://127.0.0.1:{port}"))
+        .env("VCN_API_KEY", key)
+        .output()
+        .unwrap()
+}
+
+fn last_line(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn json(o: &Output) -> Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn cli_drives_a_real_server_and_no_secret_reaches_its_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = serve(d);
+    let port = server.port;
+
+    let add = |name: &str, role: &str| {
+        let o = vcn(d, port, "", &["client", "add", name, "--role", role]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        last_line(&o)
+    };
+    let web = add("web", "cards");
+    let switch = add("switch", "switch");
+    assert!(web.starts_with("vcn_") && switch.starts_with("vcn_"));
+
+    let card = json(&vcn(
+        d,
+        port,
+        &web,
+        &[
+            "card",
+            "issue",
+            "--funding-pan",
+            "5555555555554444",
+            "--owner",
+            "alice",
+            "--limit",
+            "50.00EUR",
+            "--uses",
+            "2",
+            "--json",
+        ],
+    ));
+    let pan = card["pan"].as_str().unwrap().to_string();
+    let cvv = card["cvv"].as_str().unwrap().to_string();
+    let expiry = card["expiry"].as_str().unwrap().to_string();
+    let card_id = card["card_id"].as_str().unwrap().to_string();
+    assert_eq!(&pan[..6], "555555");
+
+    let pay = |txn: &str, amount: &str, key: &str| {
+        vcn(
+            d,
+            port,
+            key,
+            &[
+                "authorize",
+                "--pan",
+                &pan,
+                "--expiry",
+                &expiry,
+                "--cvv",
+                &cvv,
+                "--amount",
+                amount,
+                "--merchant",
+                "shop",
+                "--mcc",
+                "5411",
+                "--txn",
+                txn,
+                "--json",
+            ],
+        )
+    };
+    let ok = pay("t1", "12.50EUR", &switch);
+    let ok = json(&ok);
+    assert_eq!(
+        (ok["approved"].as_bool(), ok["response_code"].as_str()),
+        (Some(true), Some("00"))
+    );
+    assert_eq!(ok["funding_pan"], "5555555555554444");
+    assert_eq!(ok["remaining"]["amount_minor"], 3750);
+
+    // A decline exits 1, a usage error 2, an unreachable service 3.
+    let declined = pay("t2", "40.00EUR", &switch);
+    assert_eq!(declined.status.code(), Some(1));
+    let wrong_role = pay("t3", "1.00EUR", &web);
+    assert_eq!(wrong_role.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong_role.stderr).contains("PermissionDenied"));
+    let bad_amount = pay("t4", "1.001EUR", &switch);
+    assert_eq!(bad_amount.status.code(), Some(2));
+    let nowhere = Command::new(VCN)
+        .args(["card", "get", &card_id])
+        .env("VCN_SERVER", format!("http://127.0.0.1:{}", free_port()))
+        .env("VCN_API_KEY", &web)
+        .output()
+        .unwrap();
+    assert_eq!(nowhere.status.code(), Some(3));
+
+    let detok = json(&vcn(
+        d,
+        port,
+        &switch,
+        &["detokenize", "--pan", &pan, "--json"],
+    ));
+    assert_eq!(detok["funding_pan"], "5555555555554444");
+    let listed = json(&vcn(
+        d,
+        port,
+        &web,
+        &["card", "list", "--owner", "alice", "--json"],
+    ));
+    assert_eq!(
+        listed["cards"][0]["card_id"].as_str(),
+        Some(card_id.as_str())
+    );
+    assert_eq!(listed["cards"][0]["spent"]["amount_minor"], 1250);
+    let text = vcn(d, port, &web, &["card", "get", &card_id]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("12.50 EUR"));
+
+    let log_path = server.log.clone();
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM must end the server cleanly: {status:?}"
+    );
+
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.contains("authorisation decided"),
+        "the log was captured at TRACE"
+    );
+    assert!(
+        log.contains(&format!("{}******{}", &pan[..6], &pan[12..])),
+        "masked numbers are logged"
+    );
+    let master = std::fs::read_to_string(d.join("keys/master.key")).unwrap();
+    for secret in [
+        pan.as_str(),
+        "5555555555554444",
+        web.as_str(),
+        switch.as_str(),
+        master.trim(),
+        &web[4..20],
+    ] {
+        assert!(
+            !log.contains(secret),
+            "a secret ({}...) reached the log",
+            &secret[..4]
+        );
+    }
+    for line in log.lines().filter(|l| l.to_lowercase().contains("cvv")) {
+        assert!(!line.contains(&cvv), "a CVV reached the log: {line}");
+    }
+}
+
+#[test]
+fn keygen_writes_a_private_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(VCN)
+        .args(["keygen", "--keys-dir", "k"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let path = dir.path().join("k/master.key");
+    let before = std::fs::read(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = Command::new(VCN)
+        .args(["keygen", "--keys-dir", "k"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+/// The README's walk-through, run as written against a real server.
+#[test]
+fn readme_walkthrough_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- walkthrough:start -->")
+        .expect("walkthrough start marker");
+    let end = readme
+        .find("<!-- walkthrough:end -->")
+        .expect("walkthrough end marker");
+    let script: String = readme[start..end]
+        .split("```")
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, block)| {
+            block
+                .trim_start_matches("bash")
+                .trim_start_matches("sh")
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains("vcn card issue"),
+        "the walk-through issues a card"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let bin_dir = Path::new(VCN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("VCN_SERVER", format!("http://127.0.0.1:{}", server.port))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "walk-through failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("APPROVED 00"), "{out}");
+    assert!(out.contains("DECLINED 65"), "{out}");
+    assert!(out.contains("funding 4111111111111111"), "{out}");
+    assert!(server.terminate().success());
+}
