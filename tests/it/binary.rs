@@ -313,3 +313,96 @@ fn readme_walkthrough_runs_as_written() {
     assert!(out.contains("funding 4111111111111111"), "{out}");
     assert!(server.terminate().success());
 }
+
+/// Every acknowledged write is on disk before the reply: SIGKILL right
+/// after the replies loses none of them.
+#[test]
+fn kill_9_right_after_the_replies_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = serve(d);
+    let add = |name: &str, role: &str| {
+        last_line(&vcn(
+            d,
+            server.port,
+            "",
+            &["client", "add", name, "--role", role],
+        ))
+    };
+    let (web, switch) = (add("web", "cards"), add("switch", "switch"));
+    let card = json(&vcn(
+        d,
+        server.port,
+        &web,
+        &[
+            "card",
+            "issue",
+            "--funding-pan",
+            "4111111111111111",
+            "--owner",
+            "alice",
+            "--limit",
+            "100.00EUR",
+            "--uses",
+            "10",
+            "--json",
+        ],
+    ));
+    let (pan, cvv, expiry) = (
+        card["pan"].as_str().unwrap(),
+        card["cvv"].as_str().unwrap(),
+        card["expiry"].as_str().unwrap(),
+    );
+    let pay = |port: u16, txn: &str| {
+        json(&vcn(
+            d,
+            port,
+            &switch,
+            &[
+                "authorize",
+                "--pan",
+                pan,
+                "--expiry",
+                expiry,
+                "--cvv",
+                cvv,
+                "--amount",
+                "1.00EUR",
+                "--txn",
+                txn,
+                "--json",
+            ],
+        ))
+    };
+    let mut auth_ids = Vec::new();
+    for i in 0..5 {
+        let r = pay(server.port, &format!("k{i}"));
+        assert_eq!(r["approved"], true);
+        auth_ids.push(r["authorization_id"].as_str().unwrap().to_string());
+    }
+    let paused = vcn(
+        d,
+        server.port,
+        &web,
+        &["card", "pause", card["card_id"].as_str().unwrap()],
+    );
+    assert!(paused.status.success());
+    drop(server); // SIGKILL, no chance to flush
+
+    let server = serve(d);
+    let after = json(&vcn(
+        d,
+        server.port,
+        &web,
+        &["card", "get", card["card_id"].as_str().unwrap(), "--json"],
+    ));
+    assert_eq!(after["spent"]["amount_minor"], 500);
+    assert_eq!(after["uses"], 5);
+    assert_eq!(after["state"], "CARD_STATE_PAUSED");
+    let again = pay(server.port, "k0");
+    assert_eq!(
+        again["authorization_id"].as_str(),
+        Some(auth_ids[0].as_str()),
+        "the retry finds the first answer"
+    );
+}
