@@ -6,6 +6,7 @@ mod access;
 mod authorize;
 mod binary;
 mod concurrency;
+mod crash;
 mod issue;
 mod persistence;
 mod security;

@@ -23,7 +23,7 @@ use vcn::server::{Service, StartError};
 pub const FUNDING: &str = "4111111111111111";
 
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(pub Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
