@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 mod issue;
 mod persistence;
+mod props;
 mod security;
 mod support;
 mod validation;
