@@ -42,8 +42,22 @@ pub struct Config {
     pub quarantine_days: i64,
     /// sled's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
-    /// Largest request message accepted, in bytes.
+    /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
+    /// Longest a call may take, in milliseconds (DEADLINE_EXCEEDED past it;
+    /// a shorter client deadline wins).
+    pub request_timeout_ms: u64,
+    /// Calls in flight on one connection; more are refused at once with
+    /// RESOURCE_EXHAUSTED, so one noisy client cannot starve the others.
+    pub max_concurrent_per_connection: usize,
+    /// Calls in flight over all connections; more are refused with
+    /// RESOURCE_EXHAUSTED instead of queueing without bound.
+    pub max_concurrent_requests: usize,
+    /// On SIGTERM: how long health reports NOT_SERVING while calls are still
+    /// taken, so load balancers can move traffic away first.
+    pub drain_grace_ms: u64,
+    /// Then: how long calls in flight get to finish before the server stops.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -61,6 +75,11 @@ impl Default for Config {
             quarantine_days: 396,
             cache_capacity_mib: 256,
             max_message_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+            max_concurrent_per_connection: 256,
+            max_concurrent_requests: 2048,
+            drain_grace_ms: 500,
+            drain_timeout_ms: 10_000,
         }
     }
 }
@@ -100,6 +119,14 @@ impl Config {
         if self.default_validity_days < 1 || self.max_validity_days < self.default_validity_days {
             return Err(ConfigError::Invalid(
                 "default_validity_days must be at least 1 and at most max_validity_days".into(),
+            ));
+        }
+        if self.max_concurrent_per_connection == 0
+            || self.max_concurrent_requests == 0
+            || self.request_timeout_ms == 0
+        {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_per_connection, max_concurrent_requests and request_timeout_ms must be above 0".into(),
             ));
         }
         if self.max_failed_verifications == 0 {

@@ -90,8 +90,32 @@ pub struct Service {
     pub vault: Arc<Vault>,
     /// Registered clients, reloaded when the clients file changes.
     pub registry: Arc<Registry>,
-    /// Largest request message accepted, in bytes.
+    /// The limits and drain settings of the configuration.
+    limits: Limits,
+}
+
+/// What bounds the server's work (see the fields of [`Config`]).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
     max_message_bytes: usize,
+    request_timeout: Duration,
+    per_connection: usize,
+    overall: usize,
+    drain_grace: Duration,
+    drain_timeout: Duration,
+}
+
+impl Limits {
+    fn of(c: &Config) -> Limits {
+        Limits {
+            max_message_bytes: c.max_message_bytes,
+            request_timeout: Duration::from_millis(c.request_timeout_ms),
+            per_connection: c.max_concurrent_per_connection,
+            overall: c.max_concurrent_requests,
+            drain_grace: Duration::from_millis(c.drain_grace_ms),
+            drain_timeout: Duration::from_millis(c.drain_timeout_ms),
+        }
+    }
 }
 
 impl Service {
@@ -109,12 +133,14 @@ impl Service {
         Ok(Service {
             vault: Arc::new(vault),
             registry: Arc::new(registry),
-            max_message_bytes: config.max_message_bytes,
+            limits: Limits::of(config),
         })
     }
 
-    /// Serves on `listener` until `shutdown` completes, then stops taking
-    /// calls, lets those in flight finish and makes the vault durable.
+    /// Serves on `listener` until `shutdown` completes. Then it drains:
+    /// health turns NOT_SERVING while calls are still taken for
+    /// `drain_grace_ms`, then it stops taking calls, gives those in flight
+    /// up to `drain_timeout_ms`, and makes the vault durable.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -138,7 +164,8 @@ impl Service {
             Authenticator::new(self.registry.clone(), "ServerReflection", ANY),
         );
 
-        let max = self.max_message_bytes;
+        let limits = self.limits;
+        let max = limits.max_message_bytes;
         let cards = InterceptedService::new(
             CardServiceServer::new(CardApi::new(self.vault.clone())).max_decoding_message_size(max),
             Authenticator::new(
@@ -161,11 +188,12 @@ impl Service {
             tracing::info!(%addr, "vcn serving gRPC");
         }
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let drain = {
             let health = health.clone();
             async move {
                 shutdown.await;
-                tracing::info!("shutting down: draining calls in flight");
+                tracing::info!(grace = ?limits.drain_grace, "shutting down: health is NOT_SERVING, still taking calls");
                 health.set_not_serving::<CardServiceServer<CardApi>>().await;
                 health
                     .set_not_serving::<AuthorizationServiceServer<SwitchApi>>()
@@ -173,19 +201,39 @@ impl Service {
                 health
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
+                tokio::time::sleep(limits.drain_grace).await;
+                tracing::info!("no longer taking calls; draining calls in flight");
+                let _ = draining_tx.send(());
             }
         };
         let served = tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
-            .layer(tower::util::MapResponseLayer::new(
-                oversized_is_resource_exhausted,
+            .timeout(limits.request_timeout)
+            .concurrency_limit_per_connection(limits.per_connection)
+            .load_shed(true)
+            .layer(tower::util::MapResponseLayer::new(standard_status_codes))
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.overall,
             ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(cards)
             .add_service(switch)
-            .serve_with_incoming_shutdown(incoming, drain)
-            .await;
+            .serve_with_incoming_shutdown(incoming, drain);
+        tokio::pin!(served);
+        let bound = async {
+            if draining_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(limits.drain_timeout).await;
+        };
+        let served = tokio::select! {
+            r = &mut served => r,
+            () = bound => {
+                tracing::warn!(timeout = ?limits.drain_timeout, "calls still in flight after the drain timeout: stopping anyway");
+                Ok(())
+            }
+        };
         // Whatever happened, make what was written durable before exiting.
         let synced = self.vault.sync().await;
         served?;
@@ -195,20 +243,29 @@ impl Service {
     }
 }
 
-/// tonic answers a request message over the size limit with OUT_OF_RANGE;
-/// gRPC's own convention (and grpc-go, grpc-java) is RESOURCE_EXHAUSTED,
-/// which is what clients retry-classify correctly. Rewrite that one case.
-fn oversized_is_resource_exhausted<B>(mut res: http::Response<B>) -> http::Response<B> {
+/// Two statuses tonic gives where gRPC's convention (grpc-go, grpc-java,
+/// and what clients classify for retries) has another: a request message
+/// over the size limit is OUT_OF_RANGE in tonic, RESOURCE_EXHAUSTED by
+/// convention; the server's own deadline expiring is CANCELLED in tonic,
+/// DEADLINE_EXCEEDED by convention. Rewrite those two cases only.
+fn standard_status_codes<B>(mut res: http::Response<B>) -> http::Response<B> {
     let headers = res.headers_mut();
-    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-    let too_large = headers
+    let message = headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| {
-            m.contains("message%20length%20too%20large") || m.contains("message length too large")
-        });
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        .map(|m| m.replace("%20", " "))
+        .unwrap_or_default();
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let rewrite = match code {
+        "11" if message.contains("message length too large") => Some("8"),
+        "1" if message == "Timeout expired" => Some("4"),
+        _ => None,
+    };
+    if let Some(new) = rewrite {
+        headers.insert("grpc-status", http::HeaderValue::from_static(new));
     }
     res
 }

@@ -13,13 +13,21 @@
 //! read this one's writes waits for a flush that starts after it, and
 //! sled's flush makes everything written before it durable. So nobody is
 //! ever acknowledged on the strength of a write that could still be lost.
+//!
+//! A write error (a full disk, most often) leaves sled refusing every later
+//! write, even once space returns. So the store marks itself broken: writes
+//! are refused at once with a message saying why, reads keep working from
+//! the open database, and once the filesystem has room again the next
+//! write reopens sled, which recovers to its last durable state (never
+//! acknowledged writes are gone, as they were never acknowledged).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -27,6 +35,12 @@ use tokio::sync::watch;
 use crate::vault::store::{Decide, Store, StoreError, Write};
 
 const STRIPES: usize = 4096;
+
+/// Free space the data directory's filesystem needs before a broken store
+/// tries to reopen (sled writes its log in segments of this order).
+const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
+/// How often a broken store may try to reopen.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -62,17 +76,15 @@ struct Commit {
     flushed: watch::Sender<Flushed>,
 }
 
-pub struct SledStore {
+/// One open sled database and its flusher thread.
+struct Engine {
     db: sled::Db,
-    /// Striped locks that serialise updates touching the same keys.
-    locks: Box<[Mutex<()>]>,
     commit: Arc<Commit>,
     flusher: Option<JoinHandle<()>>,
 }
 
-impl SledStore {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
+impl Engine {
+    fn open(dir: &Path, options: &SledOptions) -> Result<Engine, StoreError> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity)
@@ -86,7 +98,7 @@ impl SledStore {
                 Ok(db) => break db,
                 Err(e) if is_lock_error(&e) && tries < 60 => {
                     tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => return Err(describe_open_error(dir, e)),
             }
@@ -107,23 +119,77 @@ impl SledStore {
                     StoreError::Unavailable(format!("cannot start the flusher thread: {e}"))
                 })?
         };
-        Ok(SledStore {
+        Ok(Engine {
             db,
-            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             commit,
             flusher: Some(flusher),
         })
     }
+}
 
-    /// Whether the store holds any data (tells a fresh installation from
-    /// an existing one).
-    pub fn is_empty(&self) -> bool {
-        self.db.is_empty()
+impl Drop for Engine {
+    fn drop(&mut self) {
+        {
+            let mut stop = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
+            *stop = true;
+            self.commit.cond.notify_one();
+        }
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+        let _ = self.db.flush();
+    }
+}
+
+pub struct SledStore {
+    /// The data directory, to reopen from.
+    dir: PathBuf,
+    options: SledOptions,
+    /// The open database; replaced when a broken store reopens (None only
+    /// if that reopen failed).
+    engine: RwLock<Option<Arc<Engine>>>,
+    /// Striped locks that serialise updates touching the same keys.
+    locks: Box<[Mutex<()>]>,
+    /// Set by a write error: writes are refused until a reopen succeeds.
+    broken: AtomicBool,
+    /// Why the store is broken, for the refusal message.
+    broken_reason: Mutex<String>,
+    /// When a reopen was last tried.
+    last_reopen: Mutex<Option<Instant>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
+        let engine = Engine::open(dir, options)?;
+        Ok(SledStore {
+            dir: dir.to_path_buf(),
+            options: options.clone(),
+            engine: RwLock::new(Some(Arc::new(engine))),
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            broken: AtomicBool::new(false),
+            broken_reason: Mutex::new(String::new()),
+            last_reopen: Mutex::new(None),
+        })
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable(
+                    "the vault is closed after a failed reopen; retrying".into(),
+                )
+            })
     }
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.engine()
+            .map(|e| e.db.size_on_disk().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn stripes(&self, keys: &[Vec<u8>]) -> Vec<usize> {
@@ -140,9 +206,67 @@ impl SledStore {
         s
     }
 
+    /// Records a write failure: later writes are refused until a reopen.
+    fn mark_broken(&self, e: &StoreError) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            tracing::error!(error = %e, dir = %self.dir.display(), "vault writes failed: refusing writes until the data directory can take them again");
+        }
+        *self.broken_reason.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+    }
+
+    /// When broken: refuses the write, unless the filesystem has room again
+    /// and a reopen (at most once a second) succeeds.
+    fn writable(&self) -> Result<(), StoreError> {
+        if !self.broken.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let refuse = || {
+            let reason = self
+                .broken_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            StoreError::Unavailable(format!(
+                "writes are refused until the vault can write again (reads still work): {reason}"
+            ))
+        };
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(refuse());
+            }
+            *last = Some(Instant::now());
+        }
+        let free = fs2::available_space(&self.dir).unwrap_or(0);
+        if free < REOPEN_FREE_BYTES {
+            return Err(refuse());
+        }
+        let mut slot = self.engine.write().unwrap_or_else(|e| e.into_inner());
+        // Drop the failed engine first: sled holds its file lock until then.
+        drop(slot.take());
+        match Engine::open(&self.dir, &self.options) {
+            Ok(engine) => {
+                *slot = Some(Arc::new(engine));
+                self.broken.store(false, Ordering::SeqCst);
+                tracing::info!(dir = %self.dir.display(), free, "vault reopened: taking writes again");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "vault could not be reopened");
+                Err(refuse())
+            }
+        }
+    }
+
     /// The synchronous part of an update: lock, read, decide, apply, take
-    /// a ticket. Returns the ticket to wait for.
-    fn apply(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<u64, StoreError> {
+    /// a ticket. Returns the engine and the ticket to wait for.
+    fn apply(
+        &self,
+        keys: &[Vec<u8>],
+        decide: &mut Decide<'_>,
+    ) -> Result<(Arc<Engine>, u64), StoreError> {
+        self.writable()?;
+        let engine = self.engine()?;
         let _guards: Vec<MutexGuard<'_, ()>> = self
             .stripes(keys)
             .into_iter()
@@ -152,13 +276,14 @@ impl SledStore {
             .collect();
         let mut values = Vec::with_capacity(keys.len());
         for k in keys {
-            values.push(self.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
+            values.push(engine.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
         }
         let writes = decide(&values);
         if writes.is_empty() {
             // Nothing to write, but what was read may itself still be in
             // flight to disk: wait for everything written so far.
-            return Ok(self.commit.written.load(Ordering::SeqCst));
+            let ticket = engine.commit.written.load(Ordering::SeqCst);
+            return Ok((engine, ticket));
         }
         let mut batch = sled::Batch::default();
         for w in writes {
@@ -167,20 +292,25 @@ impl SledStore {
                 Write::Delete(k) => batch.remove(k),
             }
         }
-        self.db.apply_batch(batch).map_err(io_error)?;
-        let ticket = self.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(ticket)
+        if let Err(e) = engine.db.apply_batch(batch) {
+            let e = io_error(e);
+            self.mark_broken(&e);
+            return Err(e);
+        }
+        let ticket = engine.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((engine, ticket))
     }
 
-    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
-        if self.commit.flushed.borrow().upto >= ticket {
+    async fn wait_durable(&self, engine: &Engine, ticket: u64) -> Result<(), StoreError> {
+        let commit = &engine.commit;
+        if commit.flushed.borrow().upto >= ticket {
             return Ok(());
         }
         {
-            let _wake = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
-            self.commit.cond.notify_one();
+            let _wake = commit.wake.lock().unwrap_or_else(|e| e.into_inner());
+            commit.cond.notify_one();
         }
-        let mut rx = self.commit.flushed.subscribe();
+        let mut rx = commit.flushed.subscribe();
         let state = rx
             .wait_for(|f| f.upto >= ticket || f.failed.as_ref().is_some_and(|(t, _)| *t >= ticket))
             .await
@@ -190,9 +320,9 @@ impl SledStore {
             return Ok(());
         }
         let reason = state.failed.map(|(_, e)| e).unwrap_or_default();
-        Err(StoreError::Unavailable(format!(
-            "could not make the write durable: {reason}"
-        )))
+        let e = StoreError::Unavailable(format!("could not make the write durable: {reason}"));
+        self.mark_broken(&e);
+        Err(e)
     }
 }
 
@@ -218,32 +348,21 @@ fn flush_loop(db: &sled::Db, commit: &Commit) {
                 tracing::error!(error = %e, "flushing the vault to disk failed");
                 commit
                     .flushed
-                    .send_modify(|f| f.failed = Some((target, e.to_string())));
+                    .send_modify(|f| f.failed = Some((target, io_error(e).to_string())));
                 // Do not spin on a failing disk; the next write retries.
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50));
                 done = target;
             }
         }
     }
 }
 
-impl Drop for SledStore {
-    fn drop(&mut self) {
-        {
-            let mut stop = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
-            *stop = true;
-            self.commit.cond.notify_one();
-        }
-        if let Some(t) = self.flusher.take() {
-            let _ = t.join();
-        }
-        let _ = self.db.flush();
-    }
-}
-
 fn io_error(e: sled::Error) -> StoreError {
     match e {
         sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::Unavailable(
+            "the data directory's filesystem is full (no space left on device): free space or grow it".into(),
+        ),
         other => StoreError::Unavailable(other.to_string()),
     }
 }
@@ -272,7 +391,12 @@ fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
 #[async_trait]
 impl Store for SledStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key).map_err(io_error)?.map(|v| v.to_vec()))
+        Ok(self
+            .engine()?
+            .db
+            .get(key)
+            .map_err(io_error)?
+            .map(|v| v.to_vec()))
     }
 
     async fn scan(
@@ -281,14 +405,15 @@ impl Store for SledStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let engine = self.engine()?;
         let mut out = Vec::new();
         let iter = match after {
             Some(a) => {
                 let mut start = a.to_vec();
                 start.push(0);
-                self.db.range(start..)
+                engine.db.range(start..)
             }
-            None => self.db.range(prefix.to_vec()..),
+            None => engine.db.range(prefix.to_vec()..),
         };
         for item in iter {
             let (k, v) = item.map_err(io_error)?;
@@ -301,16 +426,17 @@ impl Store for SledStore {
     }
 
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
-        let ticket = self.apply(keys, decide)?;
-        self.wait_durable(ticket).await
+        let (engine, ticket) = self.apply(keys, decide)?;
+        self.wait_durable(&engine, ticket).await
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let ticket = self.commit.written.load(Ordering::SeqCst);
+        let engine = self.engine()?;
+        let ticket = engine.commit.written.load(Ordering::SeqCst);
         if ticket == 0 {
-            return self.db.flush().map(|_| ()).map_err(io_error);
+            return engine.db.flush().map(|_| ()).map_err(io_error);
         }
-        self.wait_durable(ticket).await
+        self.wait_durable(&engine, ticket).await
     }
 }
 
@@ -408,7 +534,7 @@ mod tests {
         }
         assert_eq!(s.get(b"n").await.unwrap(), Some(b"400".to_vec()));
         assert!(
-            s.commit.flushed.borrow().upto >= 400,
+            s.engine().unwrap().commit.flushed.borrow().upto >= 400,
             "every write was flushed before its reply"
         );
     }

@@ -7,6 +7,7 @@ mod authorize;
 mod binary;
 mod concurrency;
 mod crash;
+mod disk;
 mod issue;
 mod persistence;
 mod props;
