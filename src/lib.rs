@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod server;
 pub mod vault;

@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::vault::crypto::Keyring;
 use crate::vault::keyfile::{self, KeyFileError};
 use crate::vault::sled_store::SledStore;
-use crate::vault::{system_clock, StoreError, Vault, VaultError};
+use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
 
 /// Why the service could not start (or stopped with an error). Each says
 /// what is wrong and, where it can, what to do.
@@ -120,10 +120,19 @@ impl Limits {
 
 impl Service {
     pub async fn open(config: &Config) -> Result<Service, StartError> {
+        Self::open_with(config, |store| store).await
+    }
+
+    /// Opens the service with its store wrapped by `wrap` (fault injection
+    /// in tests: see [`crate::vault::chaos`]).
+    pub async fn open_with(
+        config: &Config,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> Result<Service, StartError> {
         let vault_config = config.vault()?;
         let keys = Arc::new(load_keys(config)?);
-        let store = SledStore::open(&config.data_dir, &config.sled())?;
-        let vault = Vault::open(Arc::new(store), keys, vault_config, system_clock()).await?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, &config.sled())?);
+        let vault = Vault::open(wrap(store), keys, vault_config, system_clock()).await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -207,7 +216,6 @@ impl Service {
             }
         };
         let served = tonic::transport::Server::builder()
-            .timeout(limits.request_timeout)
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))
@@ -215,6 +223,9 @@ impl Service {
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 limits.overall,
             ))
+            .layer(crate::deadline::DeadlineLayer {
+                max: limits.request_timeout,
+            })
             .add_service(health_service)
             .add_service(reflection)
             .add_service(cards)
@@ -243,11 +254,9 @@ impl Service {
     }
 }
 
-/// Two statuses tonic gives where gRPC's convention (grpc-go, grpc-java,
-/// and what clients classify for retries) has another: a request message
-/// over the size limit is OUT_OF_RANGE in tonic, RESOURCE_EXHAUSTED by
-/// convention; the server's own deadline expiring is CANCELLED in tonic,
-/// DEADLINE_EXCEEDED by convention. Rewrite those two cases only.
+/// A request message over the size limit is OUT_OF_RANGE in tonic, where
+/// gRPC's convention (grpc-go, grpc-java, and what clients classify for
+/// retries) is RESOURCE_EXHAUSTED. Rewrite that case only.
 fn standard_status_codes<B>(mut res: http::Response<B>) -> http::Response<B> {
     let headers = res.headers_mut();
     let message = headers
@@ -261,7 +270,6 @@ fn standard_status_codes<B>(mut res: http::Response<B>) -> http::Response<B> {
         .unwrap_or("");
     let rewrite = match code {
         "11" if message.contains("message length too large") => Some("8"),
-        "1" if message == "Timeout expired" => Some("4"),
         _ => None,
     };
     if let Some(new) = rewrite {

@@ -3,6 +3,7 @@
 //! [`Store::update`], so it is atomic, isolated per card and durable before
 //! it returns.
 
+pub mod chaos;
 pub mod crypto;
 pub mod keyfile;
 pub mod records;

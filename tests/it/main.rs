@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 mod disk;
 mod issue;
+mod limits;
 mod persistence;
 mod props;
 mod security;

@@ -19,6 +19,7 @@ use vcn::api::pb::card_service_client::CardServiceClient;
 use vcn::clients::{self, Role};
 use vcn::config::Config;
 use vcn::server::{Service, StartError};
+use vcn::vault::chaos::ChaosStore;
 
 pub const FUNDING: &str = "4111111111111111";
 
@@ -73,19 +74,56 @@ impl TestServer {
         config: Config,
     ) -> Result<TestServer, StartError> {
         let service = Service::open(&config).await?;
+        Ok(Self::serve(service, dir, config).await)
+    }
+
+    /// Starts a server whose store can be slowed or failed on demand.
+    pub async fn start_chaos(
+        config: impl FnOnce(&Path) -> Config,
+    ) -> (TestServer, Arc<ChaosStore>) {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config = config(dir.path());
+        let mut chaos = None;
+        let service = Service::open_with(&config, |inner| {
+            let c = ChaosStore::new(inner);
+            chaos = Some(c.clone());
+            c
+        })
+        .await
+        .expect("server starts");
+        let server = Self::serve(service, dir, config).await;
+        (server, chaos.expect("store wrapped"))
+    }
+
+    async fn serve(service: Service, dir: Arc<TempDir>, config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(service.serve(listener, async {
             let _ = rx.await;
         }));
-        Ok(TestServer {
+        TestServer {
             addr,
             dir,
             config,
             stop: Some(tx),
             task: Some(task),
-        })
+        }
+    }
+
+    /// Tells the server to shut down, without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the server to have stopped, and how it ended.
+    pub async fn stopped(&mut self) -> Result<(), StartError> {
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
+        }
     }
 
     /// Stops the server cleanly and waits until its vault is closed.
