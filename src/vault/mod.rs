@@ -5,6 +5,7 @@
 
 pub mod crypto;
 pub mod keyfile;
+pub mod postgres_store;
 pub mod records;
 pub mod sled_store;
 pub mod store;
@@ -1017,6 +1018,11 @@ impl Vault {
             card_id: id,
             state: card.state,
         })
+    }
+
+    /// Whether the storage engine can serve now (the health check).
+    pub async fn ping(&self) -> Result<(), VaultError> {
+        Ok(self.store.ping().await?)
     }
 
     /// Makes everything written so far durable (used at shutdown).
