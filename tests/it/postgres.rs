@@ -1,0 +1,315 @@
+//! What only the shared PostgreSQL engine has to prove: several instances
+//! on one database, migrations, and losing the database while serving.
+//! (The rest of the suite runs against PostgreSQL too, with
+//! VCN_TEST_ENGINE=postgres: see tests/it/engine.rs.)
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vcn::api::pb::{self, CardState};
+use vcn::clients::Role;
+use vcn::config::{Config, StoreUrl};
+use vcn::vault::postgres_store::{PostgresOptions, PostgresStore};
+
+use crate::engine::{create_database, postgres_url, PgCluster};
+use crate::support::*;
+
+/// Two servers on one database, sharing the keys directory (as two hosts
+/// sharing the master key and clients file would).
+async fn two_instances(url: String) -> (TestServer, TestServer, Cards, Switch, Switch) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        keys_dir: dir.path().join("keys"),
+        store: Some(StoreUrl::new(url)),
+        ..Config::default()
+    };
+    vcn::vault::keyfile::generate(&config.keys_dir).unwrap();
+    let cards_key = vcn::clients::add(&config.keys_dir, "web", Role::Cards, None).unwrap();
+    let switch_key = vcn::clients::add(&config.keys_dir, "sw", Role::Switch, None).unwrap();
+    // Both start at once on the empty database: migrations and the key
+    // check value race, and must both come out right.
+    let (a, b) = tokio::join!(
+        TestServer::try_start_with(dir.clone(), config.clone()),
+        TestServer::try_start_with(dir.clone(), config.clone())
+    );
+    let (a, b) = (a.expect("instance a starts"), b.expect("instance b starts"));
+    let cards = a.cards_as(&cards_key).await;
+    let (sa, sb) = (a.switch_as(&switch_key).await, b.switch_as(&switch_key).await);
+    (a, b, cards, sa, sb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_database_approve_a_single_use_card_exactly_once() {
+    let Some(admin) = postgres_url("two_instances_on_one_database_approve_a_single_use_card_exactly_once") else {
+        return;
+    };
+    let (_a, _b, mut cards, sa, sb) = two_instances(create_database(&admin)).await;
+    let card = issue(&mut cards, issue_req("alice", 5000)).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut s = if i % 2 == 0 { sa.clone() } else { sb.clone() };
+        let req = auth_req(&card, &format!("t{i}"), 100);
+        tasks.push(tokio::spawn(async move {
+            (i, s.authorize(req).await.unwrap().into_inner())
+        }));
+    }
+    let mut approved = Vec::new();
+    let mut codes = HashSet::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        if r.approved {
+            approved.push((i, r.clone()));
+        }
+        codes.insert(r.response_code);
+    }
+    assert_eq!(approved.len(), 1, "exactly one approval across both instances");
+    assert_eq!(codes, HashSet::from(["00".to_string(), "65".to_string()]));
+    let id = card.card.as_ref().unwrap().card_id.clone();
+    let c = get(&mut cards, &id).await;
+    assert_eq!(
+        (amount(&c.spent), c.uses, c.state),
+        (100, 1, CardState::Used as i32)
+    );
+
+    // The approved transaction retried at the other instance gets the
+    // original answer (same authorisation id), and debits nothing more.
+    let (i, first) = &approved[0];
+    let mut other = if i % 2 == 0 { sb.clone() } else { sa.clone() };
+    let again = other
+        .authorize(auth_req(&card, &format!("t{i}"), 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.approved);
+    assert_eq!(again.authorization_id, first.authorization_id);
+    assert_eq!(again.funding_pan, FUNDING);
+    // A declined one retried at the other instance is declined the same way.
+    let j = if *i == 0 { 1 } else { 0 };
+    let mut other = if j % 2 == 0 { sb.clone() } else { sa.clone() };
+    let declined = other
+        .authorize(auth_req(&card, &format!("t{j}"), 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((declined.approved, declined.response_code.as_str()), (false, "65"));
+    // The same transaction id with other content is refused (94) there too.
+    let changed = other
+        .authorize(auth_req(&card, &format!("t{i}"), 200))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.response_code, "94");
+    let c = get(&mut cards, &id).await;
+    assert_eq!((amount(&c.spent), c.uses), (100, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_never_overspend_a_cap_and_answer_retries_once() {
+    let Some(admin) = postgres_url("two_instances_never_overspend_a_cap_and_answer_retries_once") else {
+        return;
+    };
+    let (_a, _b, mut cards, sa, sb) = two_instances(create_database(&admin)).await;
+    let card = issue(
+        &mut cards,
+        pb::IssueCardRequest {
+            max_uses: 1000,
+            ..issue_req("alice", 10_000)
+        },
+    )
+    .await;
+    // 200 attempts of 3.00-9.00 EUR against a 100.00 EUR cap, spread over
+    // both instances, plus 20 copies of one transaction sent to both.
+    let mut tasks = Vec::new();
+    for i in 0..220i64 {
+        let mut s = if i % 2 == 0 { sa.clone() } else { sb.clone() };
+        let req = if i < 200 {
+            auth_req(&card, &format!("t{i}"), 300 + (i % 7) * 100)
+        } else {
+            auth_req(&card, "same", 500)
+        };
+        tasks.push(tokio::spawn(async move {
+            let amount = req.amount.as_ref().unwrap().amount_minor;
+            let r = s.authorize(req).await.unwrap().into_inner();
+            (i, r, amount)
+        }));
+    }
+    let (mut total, mut approvals) = (0, 0);
+    let mut same_ids = HashSet::new();
+    let mut same_approved = false;
+    for t in tasks {
+        let (i, r, amount) = t.await.unwrap();
+        if i >= 200 {
+            same_approved = r.approved;
+            same_ids.insert((r.approved, r.response_code, r.authorization_id));
+        } else if r.approved {
+            total += amount;
+            approvals += 1;
+        } else {
+            assert_eq!(r.response_code, "51");
+        }
+    }
+    assert_eq!(same_ids.len(), 1, "one answer for one transaction: {same_ids:?}");
+    if same_approved {
+        total += 500;
+        approvals += 1;
+    }
+    assert!(total <= 10_000, "overspent: {total}");
+    assert!(total > 10_000 - 900, "stopped early: {total}");
+    let c = get(&mut cards, &card.card.unwrap().card_id).await;
+    assert_eq!(amount(&c.spent), total, "spent is the sum of approvals");
+    assert_eq!(c.uses, approvals);
+}
+
+#[tokio::test]
+async fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
+    let Some(admin) = postgres_url("migrations_are_applied_once_and_a_newer_schema_is_refused") else {
+        return;
+    };
+    let url = create_database(&admin);
+    let options = PostgresOptions::default();
+    let (a, b, c) = tokio::join!(
+        PostgresStore::open(&url, &options),
+        PostgresStore::open(&url, &options),
+        PostgresStore::open(&url, &options)
+    );
+    for s in [a, b, c] {
+        assert_eq!(s.expect("opens").migrate().await, Ok(1));
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query("SELECT version, name FROM vcn_schema_migrations", &[])
+        .await
+        .unwrap();
+    let applied: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(applied, vec![(1, "kv".to_string())]);
+    client
+        .execute(
+            "INSERT INTO vcn_schema_migrations (version, name) VALUES (2, 'from-the-future')",
+            &[],
+        )
+        .await
+        .unwrap();
+    match PostgresStore::open(&url, &options).await {
+        Err(e) => assert!(e.to_string().contains("newer than this vcn"), "{e}"),
+        Ok(_) => panic!("opened a database with a newer schema"),
+    }
+}
+
+async fn health(server: &TestServer) -> Option<ServingStatus> {
+    let mut h = HealthClient::new(server.channel(None).await);
+    let r = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+async fn wait_for_health(server: &TestServer, want: ServingStatus, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if health(server).await == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "health did not turn {want:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_fails_fast_and_the_service_recovers_by_itself() {
+    let Some(cluster) =
+        PgCluster::start("losing_the_database_fails_fast_and_the_service_recovers_by_itself")
+    else {
+        return;
+    };
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        keys_dir: dir.path().join("keys"),
+        store: Some(StoreUrl::new(cluster.url())),
+        postgres_timeout_ms: 2000,
+        ..Config::default()
+    };
+    let server = TestServer::start_with(dir, config).await;
+    let (mut cards, mut switch) = server.clients().await;
+    let card = issue(
+        &mut cards,
+        pb::IssueCardRequest {
+            max_uses: 10,
+            ..issue_req("alice", 5000)
+        },
+    )
+    .await;
+    let id = card.card.as_ref().unwrap().card_id.clone();
+    let first = authorize(&mut switch, auth_req(&card, "t1", 100)).await;
+    assert!(first.approved);
+    assert_eq!(health(&server).await, Some(ServingStatus::Serving));
+
+    tokio::task::block_in_place(|| cluster.crash());
+
+    // Calls fail fast with UNAVAILABLE: no hang, no wrong answer.
+    for (what, started, r) in [
+        {
+            let t = Instant::now();
+            let r = switch.authorize(auth_req(&card, "t2", 100)).await.map(|_| ());
+            ("authorize", t, r)
+        },
+        {
+            let t = Instant::now();
+            let r = cards.issue_card(issue_req("bob", 100)).await.map(|_| ());
+            ("issue", t, r)
+        },
+        {
+            let t = Instant::now();
+            let r = cards
+                .get_card(pb::GetCardRequest {
+                    card_id: id.clone(),
+                })
+                .await
+                .map(|_| ());
+            ("get", t, r)
+        },
+    ] {
+        let elapsed = started.elapsed();
+        match r {
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "{what}: {}", s.message()),
+            Ok(()) => panic!("{what} succeeded with the database down"),
+        }
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{what} took {elapsed:?} to fail"
+        );
+    }
+    let turned = wait_for_health(&server, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    eprintln!("health turned NOT_SERVING {turned:?} after the first failed call");
+
+    tokio::task::block_in_place(|| cluster.resume());
+    let back = wait_for_health(&server, ServingStatus::Serving, Duration::from_secs(15)).await;
+    eprintln!("health turned SERVING {back:?} after the database was back");
+
+    // Serving again without a restart, and nothing acknowledged was lost.
+    let c = get(&mut cards, &id).await;
+    assert_eq!((amount(&c.spent), c.uses), (100, 1));
+    let again = authorize(&mut switch, auth_req(&card, "t1", 100)).await;
+    assert_eq!(again.authorization_id, first.authorization_id);
+    let second = authorize(&mut switch, auth_req(&card, "t2", 100)).await;
+    assert!(second.approved, "t2 was never acknowledged, so it is decided now");
+    let other = issue(&mut cards, issue_req("bob", 100)).await;
+    assert!(other.card.is_some());
+    let c = get(&mut cards, &id).await;
+    assert_eq!((amount(&c.spent), c.uses), (200, 2));
+}
