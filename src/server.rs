@@ -125,7 +125,10 @@ async fn watch_store(vault: Arc<Vault>, health: tonic_health::server::HealthRepo
     }
 }
 
-async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
     health
         .set_service_status(
             <CardServiceServer<CardApi> as tonic::server::NamedService>::NAME,

@@ -68,7 +68,8 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS vcn_schema_mig
 )";
 
 const SELECT_FOR_UPDATE: &str = "SELECT key, value FROM vcn_kv WHERE key = ANY($1) FOR UPDATE";
-const UPSERT: &str = "INSERT INTO vcn_kv (key, value) SELECT * FROM UNNEST($1::BYTEA[], $2::BYTEA[]) \
+const UPSERT: &str =
+    "INSERT INTO vcn_kv (key, value) SELECT * FROM UNNEST($1::BYTEA[], $2::BYTEA[]) \
      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
 const DELETE: &str = "DELETE FROM vcn_kv WHERE key = ANY($1)";
 const GET: &str = "SELECT value FROM vcn_kv WHERE key = $1";
@@ -140,7 +141,9 @@ fn classify(e: &tokio_postgres::Error) -> Failure {
     {
         Failure::Connection(message)
     } else {
-        Failure::Fatal(StoreError::Unavailable(format!("database error: {message}")))
+        Failure::Fatal(StoreError::Unavailable(format!(
+            "database error: {message}"
+        )))
     }
 }
 
@@ -369,7 +372,11 @@ impl PostgresStore {
             }
             timed(t, "COMMIT", tx.commit()).await?;
             if done.is_none() {
-                tracing::info!(version = m.version, name = m.name, "applied schema migration");
+                tracing::info!(
+                    version = m.version,
+                    name = m.name,
+                    "applied schema migration"
+                );
             }
         }
         let row = timed(
@@ -429,7 +436,9 @@ impl PostgresStore {
             for row in rows {
                 let (k, v): (Vec<u8>, Vec<u8>) = match (row.try_get(0), row.try_get(1)) {
                     (Ok(k), Ok(v)) => (k, v),
-                    _ => return Err(StoreError::Corrupt("an unreadable row in vcn_kv".into()).into()),
+                    _ => {
+                        return Err(StoreError::Corrupt("an unreadable row in vcn_kv".into()).into())
+                    }
                 };
                 for (i, named) in keys.iter().enumerate() {
                     if *named == k {
@@ -488,8 +497,11 @@ impl PostgresStore {
     /// first connection turns out dead (a read is always safe to repeat).
     async fn read<T, F>(&self, what: &str, f: F) -> Result<T, StoreError>
     where
-        F: for<'c> Fn(&'c Object) -> std::pin::Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
-            + Send
+        F: for<'c> Fn(
+                &'c Object,
+            ) -> std::pin::Pin<
+                Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
+            > + Send
             + Sync,
         T: Send,
     {
@@ -641,7 +653,13 @@ impl Store for PostgresStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        match timed(self.options.timeout, "SELECT 1", client.simple_query("SELECT 1")).await {
+        match timed(
+            self.options.timeout,
+            "SELECT 1",
+            client.simple_query("SELECT 1"),
+        )
+        .await
+        {
             Ok(_) => Ok(()),
             Err(Failure::Conflict(m) | Failure::Connection(m)) => {
                 let _ = Object::take(client);

@@ -314,7 +314,10 @@ impl PgCluster {
         ]);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "PostgreSQL did not come up");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "PostgreSQL did not come up"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -332,7 +335,14 @@ impl Drop for PgCluster {
             Command::new(&path)
         };
         let _ = cmd
-            .args(["-D", data.to_str().unwrap_or(""), "-m", "immediate", "-w", "stop"])
+            .args([
+                "-D",
+                data.to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

@@ -40,13 +40,18 @@ async fn two_instances(url: String) -> (TestServer, TestServer, Cards, Switch, S
     );
     let (a, b) = (a.expect("instance a starts"), b.expect("instance b starts"));
     let cards = a.cards_as(&cards_key).await;
-    let (sa, sb) = (a.switch_as(&switch_key).await, b.switch_as(&switch_key).await);
+    let (sa, sb) = (
+        a.switch_as(&switch_key).await,
+        b.switch_as(&switch_key).await,
+    );
     (a, b, cards, sa, sb)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_database_approve_a_single_use_card_exactly_once() {
-    let Some(admin) = postgres_url("two_instances_on_one_database_approve_a_single_use_card_exactly_once") else {
+    let Some(admin) =
+        postgres_url("two_instances_on_one_database_approve_a_single_use_card_exactly_once")
+    else {
         return;
     };
     let (_a, _b, mut cards, sa, sb) = two_instances(create_database(&admin)).await;
@@ -68,7 +73,11 @@ async fn two_instances_on_one_database_approve_a_single_use_card_exactly_once() 
         }
         codes.insert(r.response_code);
     }
-    assert_eq!(approved.len(), 1, "exactly one approval across both instances");
+    assert_eq!(
+        approved.len(),
+        1,
+        "exactly one approval across both instances"
+    );
     assert_eq!(codes, HashSet::from(["00".to_string(), "65".to_string()]));
     let id = card.card.as_ref().unwrap().card_id.clone();
     let c = get(&mut cards, &id).await;
@@ -97,7 +106,10 @@ async fn two_instances_on_one_database_approve_a_single_use_card_exactly_once() 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((declined.approved, declined.response_code.as_str()), (false, "65"));
+    assert_eq!(
+        (declined.approved, declined.response_code.as_str()),
+        (false, "65")
+    );
     // The same transaction id with other content is refused (94) there too.
     let changed = other
         .authorize(auth_req(&card, &format!("t{i}"), 200))
@@ -111,7 +123,8 @@ async fn two_instances_on_one_database_approve_a_single_use_card_exactly_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_never_overspend_a_cap_and_answer_retries_once() {
-    let Some(admin) = postgres_url("two_instances_never_overspend_a_cap_and_answer_retries_once") else {
+    let Some(admin) = postgres_url("two_instances_never_overspend_a_cap_and_answer_retries_once")
+    else {
         return;
     };
     let (_a, _b, mut cards, sa, sb) = two_instances(create_database(&admin)).await;
@@ -154,7 +167,11 @@ async fn two_instances_never_overspend_a_cap_and_answer_retries_once() {
             assert_eq!(r.response_code, "51");
         }
     }
-    assert_eq!(same_ids.len(), 1, "one answer for one transaction: {same_ids:?}");
+    assert_eq!(
+        same_ids.len(),
+        1,
+        "one answer for one transaction: {same_ids:?}"
+    );
     if same_approved {
         total += 500;
         approvals += 1;
@@ -168,7 +185,8 @@ async fn two_instances_never_overspend_a_cap_and_answer_retries_once() {
 
 #[tokio::test]
 async fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
-    let Some(admin) = postgres_url("migrations_are_applied_once_and_a_newer_schema_is_refused") else {
+    let Some(admin) = postgres_url("migrations_are_applied_once_and_a_newer_schema_is_refused")
+    else {
         return;
     };
     let url = create_database(&admin);
@@ -265,7 +283,10 @@ async fn losing_the_database_fails_fast_and_the_service_recovers_by_itself() {
     for (what, started, r) in [
         {
             let t = Instant::now();
-            let r = switch.authorize(auth_req(&card, "t2", 100)).await.map(|_| ());
+            let r = switch
+                .authorize(auth_req(&card, "t2", 100))
+                .await
+                .map(|_| ());
             ("authorize", t, r)
         },
         {
@@ -307,7 +328,10 @@ async fn losing_the_database_fails_fast_and_the_service_recovers_by_itself() {
     let again = authorize(&mut switch, auth_req(&card, "t1", 100)).await;
     assert_eq!(again.authorization_id, first.authorization_id);
     let second = authorize(&mut switch, auth_req(&card, "t2", 100)).await;
-    assert!(second.approved, "t2 was never acknowledged, so it is decided now");
+    assert!(
+        second.approved,
+        "t2 was never acknowledged, so it is decided now"
+    );
     let other = issue(&mut cards, issue_req("bob", 100)).await;
     assert!(other.card.is_some());
     let c = get(&mut cards, &id).await;

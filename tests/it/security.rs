@@ -5,8 +5,8 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::Code;
 use vcn::api::pb;
-use vcn::domain::CardId;
 use vcn::config::Config;
+use vcn::domain::CardId;
 use vcn::vault::records::{card_key, CardRecord};
 use vcn::vault::Write;
 
