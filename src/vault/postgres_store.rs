@@ -106,9 +106,14 @@ enum Failure {
     /// The database refused to serialise it; nothing was committed. Try the
     /// whole transaction again.
     Conflict(String),
-    /// The connection failed (or timed out) before COMMIT was sent; nothing
-    /// was committed. The connection is dropped; another may work.
+    /// The connection failed before COMMIT was sent; nothing was
+    /// committed. The connection is dropped; another may work (after a
+    /// restart of the database, pooled connections are dead).
     Connection(String),
+    /// No answer in time: the server is unresponsive. Nothing of an update
+    /// was committed if it was not the COMMIT. The connection is dropped and
+    /// the call fails now rather than wait as long again.
+    Timeout(String),
     /// Give up with this error (includes a COMMIT whose outcome is unknown).
     Fatal(StoreError),
 }
@@ -156,7 +161,7 @@ async fn timed<T>(
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(classify(&e)),
-        Err(_) => Err(Failure::Connection(format!(
+        Err(_) => Err(Failure::Timeout(format!(
             "no answer to {what} within {} ms",
             limit.as_millis()
         ))),
@@ -288,7 +293,7 @@ impl PostgresStore {
         self.pool.get().await.map_err(|e| {
             let why = match e {
                 deadpool_postgres::PoolError::Backend(e) => match classify(&e) {
-                    Failure::Conflict(m) | Failure::Connection(m) => m,
+                    Failure::Conflict(m) | Failure::Connection(m) | Failure::Timeout(m) => m,
                     Failure::Fatal(e) => e.to_string(),
                 },
                 deadpool_postgres::PoolError::Timeout(_) => format!(
@@ -320,7 +325,7 @@ impl PostgresStore {
                 Err(Failure::Conflict(m)) if attempt < self.options.max_attempts => {
                     tracing::debug!(attempt, reason = %m, "schema migration raced, retrying");
                 }
-                Err(Failure::Conflict(m) | Failure::Connection(m)) => {
+                Err(Failure::Conflict(m) | Failure::Connection(m) | Failure::Timeout(m)) => {
                     let _ = Object::take(client);
                     return Err(self.unavailable(&format!("cannot apply the schema: {m}")));
                 }
@@ -479,7 +484,9 @@ impl PostgresStore {
             Ok(Err(e)) => match classify(&e) {
                 // Refused at commit: certainly not committed.
                 Failure::Conflict(m) => Err(Failure::Conflict(m)),
-                Failure::Connection(m) | Failure::Fatal(StoreError::Unavailable(m)) => {
+                Failure::Connection(m)
+                | Failure::Timeout(m)
+                | Failure::Fatal(StoreError::Unavailable(m)) => {
                     Err(Failure::Fatal(self.unavailable(&format!(
                         "the commit was not confirmed ({m}); its outcome is unknown"
                     ))))
@@ -517,6 +524,10 @@ impl PostgresStore {
                         return Err(self.unavailable(&m));
                     }
                 }
+                Err(Failure::Timeout(m)) => {
+                    let _ = Object::take(client);
+                    return Err(self.unavailable(&m));
+                }
                 Err(Failure::Conflict(m)) => {
                     if attempt >= self.options.max_attempts {
                         return Err(self.unavailable(&m));
@@ -524,7 +535,10 @@ impl PostgresStore {
                     drop(client);
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Fatal(e)) => {
+                    let _ = Object::take(client);
+                    return Err(e);
+                }
             }
         }
     }
@@ -620,6 +634,10 @@ impl Store for PostgresStore {
                     let _ = Object::take(client);
                     return Err(e);
                 }
+                Err(Failure::Timeout(m)) => {
+                    let _ = Object::take(client);
+                    return Err(self.unavailable(&m));
+                }
                 Err(Failure::Connection(m)) => {
                     // Dropped, not returned to the pool.
                     let _ = Object::take(client);
@@ -661,7 +679,7 @@ impl Store for PostgresStore {
         .await
         {
             Ok(_) => Ok(()),
-            Err(Failure::Conflict(m) | Failure::Connection(m)) => {
+            Err(Failure::Conflict(m) | Failure::Connection(m) | Failure::Timeout(m)) => {
                 let _ = Object::take(client);
                 Err(self.unavailable(&m))
             }

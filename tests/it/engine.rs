@@ -194,6 +194,7 @@ pub struct PgCluster {
     bin: PathBuf,
     pub port: u16,
     root: bool,
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl PgCluster {
@@ -230,6 +231,7 @@ impl PgCluster {
             bin,
             port,
             root,
+            frozen: std::sync::atomic::AtomicBool::new(false),
         };
         let data = cluster.data();
         cluster.run(
@@ -323,8 +325,54 @@ impl PgCluster {
     }
 }
 
+impl PgCluster {
+    /// The server's processes: the postmaster and its children.
+    fn processes(&self) -> Vec<String> {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .expect("postmaster.pid of a running server");
+        let main = pid_file.lines().next().unwrap_or("").trim().to_string();
+        let mut pids = vec![main.clone()];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+            if after.split_whitespace().nth(1) == Some(main.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        pids
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(sig)
+            .args(self.processes())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} the server's processes");
+    }
+
+    /// Makes the server unresponsive without closing anything (SIGSTOP to
+    /// all its processes), as a hung host or a dropped link would.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        if self.frozen.load(Ordering::SeqCst) {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .args(self.processes())
+                .status();
+        }
         let data = self.data();
         let path = self.bin.join("pg_ctl");
         let mut cmd = if self.root {

@@ -337,3 +337,57 @@ async fn losing_the_database_fails_fast_and_the_service_recovers_by_itself() {
     let c = get(&mut cards, &id).await;
     assert_eq!((amount(&c.spent), c.uses), (200, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresponsive_database_fails_calls_within_the_timeout() {
+    let Some(cluster) = PgCluster::start("an_unresponsive_database_fails_calls_within_the_timeout")
+    else {
+        return;
+    };
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        keys_dir: dir.path().join("keys"),
+        store: Some(StoreUrl::new(cluster.url())),
+        postgres_timeout_ms: 1000,
+        ..Config::default()
+    };
+    let server = TestServer::start_with(dir, config).await;
+    let (mut cards, mut switch) = server.clients().await;
+    let card = issue(
+        &mut cards,
+        pb::IssueCardRequest {
+            max_uses: 10,
+            ..issue_req("alice", 5000)
+        },
+    )
+    .await;
+    let first = authorize(&mut switch, auth_req(&card, "t1", 100)).await;
+    assert!(first.approved);
+
+    tokio::task::block_in_place(|| cluster.freeze());
+    let started = Instant::now();
+    let r = switch.authorize(auth_req(&card, "t2", 100)).await;
+    let elapsed = started.elapsed();
+    match r {
+        Err(s) => assert_eq!(s.code(), Code::Unavailable, "{}", s.message()),
+        Ok(r) => panic!("answered with the database frozen: {:?}", r.into_inner()),
+    }
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "took {elapsed:?} with a 1 s timeout"
+    );
+    wait_for_health(&server, ServingStatus::NotServing, Duration::from_secs(6)).await;
+
+    tokio::task::block_in_place(|| cluster.thaw());
+    wait_for_health(&server, ServingStatus::Serving, Duration::from_secs(10)).await;
+    let again = authorize(&mut switch, auth_req(&card, "t1", 100)).await;
+    assert_eq!(again.authorization_id, first.authorization_id);
+    assert!(
+        authorize(&mut switch, auth_req(&card, "t2", 100))
+            .await
+            .approved
+    );
+    let c = get(&mut cards, &card.card.unwrap().card_id).await;
+    assert_eq!((amount(&c.spent), c.uses), (200, 2));
+}
