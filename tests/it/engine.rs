@@ -37,6 +37,13 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Says why a test skips, past the test harness's output capture (which
+/// would hide it for a test that passes).
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 /// The PostgreSQL server the tests may use, or None (the caller skips).
 /// Panics when it must be there: under `CI=true`, or when the suite was
 /// asked to run against PostgreSQL.
@@ -51,7 +58,7 @@ pub fn postgres_url(test: &str) -> Option<String> {
             if in_ci() || engine() == Engine::Postgres {
                 panic!("{why}");
             }
-            eprintln!("SKIPPED: {why}");
+            skipped(&why);
             None
         }
     }
@@ -123,7 +130,8 @@ pub fn fresh_store() -> Option<StoreUrl> {
 pub fn pg_bin() -> Option<PathBuf> {
     if let Ok(d) = std::env::var("VCN_TEST_PG_BIN") {
         if !d.is_empty() {
-            return Some(PathBuf::from(d));
+            let d = PathBuf::from(d);
+            return d.join("pg_ctl").exists().then_some(d);
         }
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -209,7 +217,7 @@ impl PgCluster {
             if in_ci() {
                 panic!("{why}");
             }
-            eprintln!("SKIPPED: {why}");
+            skipped(&why);
             return None;
         };
         let dir = tempfile::tempdir().expect("tempdir");
