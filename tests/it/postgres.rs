@@ -15,6 +15,7 @@ use vcn::api::pb::{self, CardState};
 use vcn::clients::Role;
 use vcn::config::{Config, StoreUrl};
 use vcn::vault::postgres_store::{PostgresOptions, PostgresStore};
+use vcn::vault::{Store, Write};
 
 use crate::engine::{create_database, postgres_url, PgCluster};
 use crate::support::*;
@@ -390,4 +391,180 @@ async fn an_unresponsive_database_fails_calls_within_the_timeout() {
     );
     let c = get(&mut cards, &card.card.unwrap().card_id).await;
     assert_eq!((amount(&c.spent), c.uses), (200, 2));
+}
+
+fn put(k: &str, v: &str) -> Write {
+    Write::Put(k.as_bytes().to_vec(), v.as_bytes().to_vec())
+}
+
+/// The storage trait's contract, on PostgresStore directly: what sled's
+/// unit tests check, plus what only a retrying engine can get wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_contract_holds_on_postgres() {
+    let Some(admin) = postgres_url("the_store_contract_holds_on_postgres") else {
+        return;
+    };
+    let url = create_database(&admin);
+    let s = Arc::new(
+        PostgresStore::open(&url, &PostgresOptions::default())
+            .await
+            .unwrap(),
+    );
+    // Reads, decides, writes; the last write of a key in one batch wins;
+    // deletes; keys not named may be written.
+    let keys = vec![b"a".to_vec()];
+    let mut seen = Vec::new();
+    s.update(&keys, &mut |v| {
+        seen.push(v[0].clone());
+        vec![put("a", "0"), put("a", "1"), put("b", "2"), put("z", "x")]
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen, vec![None]);
+    s.update(&keys, &mut |v| {
+        assert_eq!(v[0].as_deref(), Some(&b"1"[..]));
+        vec![Write::Delete(b"b".to_vec()), put("c", "3")]
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.get(b"a").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(s.get(b"b").await.unwrap(), None);
+    // A named key listed twice sees its value in both places.
+    s.update(&[b"c".to_vec(), b"c".to_vec()], &mut |v| {
+        assert_eq!(v, [Some(b"3".to_vec()), Some(b"3".to_vec())]);
+        vec![]
+    })
+    .await
+    .unwrap();
+
+    // Scans: prefix-bounded, in key order, paged by `after`, including a
+    // prefix ending in 0xFF and one of byte 0.
+    s.update(&[], &mut |_| {
+        vec![
+            put("o/a1", ""),
+            put("o/a2", ""),
+            put("o/a3", ""),
+            put("o/b1", ""),
+            put("p/x", ""),
+            Write::Put(b"q\xff\x01".to_vec(), vec![]),
+            Write::Put(b"r".to_vec(), vec![]),
+        ]
+    })
+    .await
+    .unwrap();
+    let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(s.scan(b"o/a", None, 10).await.unwrap()),
+        [b"o/a1".to_vec(), b"o/a2".to_vec(), b"o/a3".to_vec()]
+    );
+    assert_eq!(
+        keys(s.scan(b"o/a", None, 2).await.unwrap()),
+        [b"o/a1".to_vec(), b"o/a2".to_vec()]
+    );
+    assert_eq!(
+        keys(s.scan(b"o/a", Some(b"o/a2"), 2).await.unwrap()),
+        [b"o/a3".to_vec()]
+    );
+    assert_eq!(
+        keys(s.scan(b"q\xff", None, 10).await.unwrap()),
+        [b"q\xff\x01".to_vec()]
+    );
+    assert!(s.scan(b"o/c", None, 10).await.unwrap().is_empty());
+
+    // Concurrent increments of one key from many tasks and two pools (two
+    // instances): none lost, and only the last decision's writes applied.
+    let other = Arc::new(
+        PostgresStore::open(&url, &PostgresOptions::default())
+            .await
+            .unwrap(),
+    );
+    let decisions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let s = if t % 2 == 0 { s.clone() } else { other.clone() };
+        let decisions = decisions.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                s.update(&[b"n".to_vec()], &mut |v| {
+                    decisions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let n: u64 = v[0]
+                        .as_deref()
+                        .map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
+                    vec![put("n", &(n + 1).to_string())]
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.get(b"n").await.unwrap(), Some(b"160".to_vec()));
+    eprintln!(
+        "160 increments over two pools took {} decisions",
+        decisions.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn vcn_migrate_applies_the_schema_and_never_shows_the_password() {
+    let Some(admin) = postgres_url("vcn_migrate_applies_the_schema_and_never_shows_the_password")
+    else {
+        return;
+    };
+    let url = create_database(&admin);
+    let vcn = env!("CARGO_BIN_EXE_vcn");
+    let o = std::process::Command::new(vcn)
+        .args(["migrate", "--store", &url])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("at version 1"), "{out}");
+
+    // Unreachable, with a password in the URL: exit 3, a message naming
+    // the database, and no password anywhere.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = format!("postgres://vcn:pw-Secret-42@127.0.0.1:{port}/vault");
+    for args in [
+        vec!["migrate", "--store", bad.as_str()],
+        vec!["serve", "--listen", "127.0.0.1:0", "--store", bad.as_str()],
+    ] {
+        let o = std::process::Command::new(vcn)
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {all}");
+        assert!(
+            all.contains(&format!("database vault on 127.0.0.1:{port}")),
+            "{all}"
+        );
+        assert!(
+            !all.contains("pw-Secret-42"),
+            "the password was shown: {all}"
+        );
+    }
+    let o = std::process::Command::new(vcn)
+        .arg("migrate")
+        .env_remove("VCN_STORE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
 }
