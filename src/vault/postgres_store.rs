@@ -281,7 +281,41 @@ impl PostgresStore {
             describe,
         };
         store.migrate().await?;
+        store.check_durability().await?;
         Ok(store)
+    }
+
+    /// Refuses a database whose commits are not durable when they return
+    /// (`synchronous_commit = off` for this database or user): a reply
+    /// could then outlive the write it acknowledges. Engines without the
+    /// setting (the query fails) are taken as durable, as they document.
+    async fn check_durability(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let shown = timed(
+            self.options.timeout,
+            "SHOW",
+            client.simple_query("SHOW synchronous_commit"),
+        )
+        .await;
+        let value = match shown {
+            Ok(messages) => messages.into_iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            }),
+            Err(Failure::Connection(m) | Failure::Timeout(m)) => {
+                let _ = Object::take(client);
+                return Err(self.unavailable(&m));
+            }
+            Err(_) => None,
+        };
+        if value.as_deref() == Some("off") {
+            return Err(self.unavailable(
+                "synchronous_commit is off for it, so a commit can still be lost after it returns \
+                 and vcn would acknowledge writes that a crash loses; set it to on \
+                 (ALTER DATABASE ... SET synchronous_commit = on)",
+            ));
+        }
+        Ok(())
     }
 
     /// What this store is, for messages (no password).

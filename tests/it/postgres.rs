@@ -223,6 +223,35 @@ async fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
     }
 }
 
+#[tokio::test]
+async fn a_database_that_may_lose_acknowledged_commits_is_refused() {
+    let Some(admin) = postgres_url("a_database_that_may_lose_acknowledged_commits_is_refused")
+    else {
+        return;
+    };
+    let url = create_database(&admin);
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off"))
+        .await
+        .unwrap();
+    match PostgresStore::open(&url, &PostgresOptions::default()).await {
+        Err(e) => assert!(e.to_string().contains("synchronous_commit is off"), "{e}"),
+        Ok(_) => panic!("opened a database whose commits are not durable"),
+    }
+    client
+        .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = on"))
+        .await
+        .unwrap();
+    assert!(PostgresStore::open(&url, &PostgresOptions::default())
+        .await
+        .is_ok());
+}
+
 async fn health(server: &TestServer) -> Option<ServingStatus> {
     let mut h = HealthClient::new(server.channel(None).await);
     let r = h
