@@ -33,6 +33,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -232,6 +233,9 @@ fn describe(c: &tokio_postgres::Config) -> String {
 }
 
 pub struct PostgresStore {
+    /// Attempts of updates the database refused to serialise (and that
+    /// were run again), since this store was opened.
+    conflicts: AtomicU64,
     pool: Pool,
     /// Striped locks that queue this process's updates of the same keys.
     locks: Box<[Mutex<()>]>,
@@ -275,6 +279,7 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot set up the pool: {e}")))?;
         let store = PostgresStore {
+            conflicts: AtomicU64::new(0),
             pool,
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             options: options.clone(),
@@ -316,6 +321,12 @@ impl PostgresStore {
             ));
         }
         Ok(())
+    }
+
+    /// How many update attempts the database refused to serialise so far
+    /// (each was rolled back and run again): the price of contention.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
     }
 
     /// What this store is, for messages (no password).
@@ -683,6 +694,7 @@ impl Store for PostgresStore {
                 }
                 Err(Failure::Conflict(m)) => {
                     drop(client);
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
                     m
                 }
             };
