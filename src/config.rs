@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::domain::card::PolicyBounds;
 use crate::domain::number::NumberPlan;
+use crate::vault::postgres_store::{describe_url, PostgresOptions};
 use crate::vault::sled_store::SledOptions;
 use crate::vault::VaultConfig;
 
@@ -17,8 +18,17 @@ use crate::vault::VaultConfig;
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
-    /// Where the vault (sled) keeps its data.
+    /// Where the vault keeps its data with the embedded engine (sled).
     pub data_dir: PathBuf,
+    /// The storage engine: unset for the embedded one (sled, in
+    /// `data_dir`), or a PostgreSQL URL (`postgres://user:password@host:port/db`)
+    /// shared by several instances.
+    pub store: Option<StoreUrl>,
+    /// Connections to PostgreSQL each instance keeps at most.
+    pub postgres_pool_size: usize,
+    /// Bound on connecting to PostgreSQL and on each of its round trips, in
+    /// milliseconds: past it a call fails with UNAVAILABLE.
+    pub postgres_timeout_ms: u64,
     /// Where the master key and the clients file live.
     pub keys_dir: PathBuf,
     /// Create a development master key when none exists and the data
@@ -65,6 +75,9 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
+            store: None,
+            postgres_pool_size: 16,
+            postgres_timeout_ms: 5000,
             keys_dir: PathBuf::from("keys"),
             dev_keys: true,
             bin_length: 6,
@@ -81,6 +94,44 @@ impl Default for Config {
             drain_grace_ms: 500,
             drain_timeout_ms: 10_000,
         }
+    }
+}
+
+/// A database URL. It may carry a password, so it is never shown: `Debug`
+/// and [`StoreUrl::describe`] name host, port, database and user only.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    pub fn new(url: impl Into<String>) -> StoreUrl {
+        StoreUrl(url.into())
+    }
+
+    /// The URL itself, to connect with.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Where it points, without the password.
+    pub fn describe(&self) -> String {
+        describe_url(&self.0)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let scheme_ok = self.0.starts_with("postgres://") || self.0.starts_with("postgresql://");
+        if !scheme_ok || self.0.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::Invalid(
+                "store must be a PostgreSQL URL (postgres://user:password@host:port/database), or unset for the embedded engine".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({})", self.describe())
     }
 }
 
@@ -129,6 +180,14 @@ impl Config {
                 "max_concurrent_per_connection, max_concurrent_requests and request_timeout_ms must be above 0".into(),
             ));
         }
+        if let Some(url) = &self.store {
+            url.check()?;
+        }
+        if self.postgres_pool_size == 0 || self.postgres_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "postgres_pool_size and postgres_timeout_ms must be at least 1".into(),
+            ));
+        }
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
@@ -142,6 +201,14 @@ impl Config {
             },
             max_failed_verifications: self.max_failed_verifications,
         })
+    }
+
+    pub fn postgres(&self) -> PostgresOptions {
+        PostgresOptions {
+            pool_size: self.postgres_pool_size,
+            timeout: std::time::Duration::from_millis(self.postgres_timeout_ms),
+            ..PostgresOptions::default()
+        }
     }
 
     pub fn sled(&self) -> SledOptions {
@@ -171,6 +238,29 @@ mod tests {
             (8, "9", 6000)
         );
         assert_eq!(c.max_failed_verifications, 3);
+    }
+
+    #[test]
+    fn a_store_url_is_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(
+            &path,
+            "store = \"postgres://vcn:hunter2@127.0.0.1:5432/vcn\"\npostgres_pool_size = 4\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.store.as_ref().map(StoreUrl::expose),
+            Some("postgres://vcn:hunter2@127.0.0.1:5432/vcn")
+        );
+        assert_eq!(c.postgres().pool_size, 4);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("127.0.0.1:5432"), "{shown}");
+        std::fs::write(&path, "store = \"mysql://x@y/z\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("PostgreSQL URL"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The rooms, from the inside out:
 //! - [`domain`]: the pure core (card numbers, money, policy, the decision);
 //! - [`vault`]: keys, envelope encryption and keyed-hash indexes over a small
-//!   storage trait, with sled as the embedded engine;
+//!   storage trait, with sled as the embedded engine and PostgreSQL as the
+//!   shared one (several instances, one database);
 //! - [`api`]: the thin gRPC layer (decode, authenticate, call the vault, map
 //!   errors to `tonic::Status` in one place);
 //! - [`server`], [`config`], [`clients`]: running it;

@@ -19,8 +19,13 @@ use crate::clients::{ClientsError, Registry, Role};
 use crate::config::{Config, ConfigError};
 use crate::vault::crypto::Keyring;
 use crate::vault::keyfile::{self, KeyFileError};
+use crate::vault::postgres_store::PostgresStore;
+use crate::vault::records::KEY_CHECK_VALUE;
 use crate::vault::sled_store::SledStore;
 use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
+
+/// How often the health check asks the storage engine whether it serves.
+const PROBE_EVERY: Duration = Duration::from_millis(1000);
 
 /// Why the service could not start (or stopped with an error). Each says
 /// what is wrong and, where it can, what to do.
@@ -58,16 +63,14 @@ fn has_data(dir: &Path) -> bool {
 }
 
 /// Loads the master key, or creates a development one on a fresh
-/// installation when the configuration allows it.
-fn load_keys(config: &Config) -> Result<Keyring, StartError> {
+/// installation when the configuration allows it. `existing` tells whether
+/// the vault (described by `vault`) already holds data.
+fn load_keys(config: &Config, existing: bool, vault: String) -> Result<Keyring, StartError> {
     match keyfile::load(&config.keys_dir) {
         Ok(master) => Ok(Keyring::single(&master)),
         Err(e @ KeyFileError::Missing { .. }) => {
-            if has_data(&config.data_dir) {
-                return Err(StartError::KeyLostForVault(
-                    e,
-                    config.data_dir.display().to_string(),
-                ));
+            if existing {
+                return Err(StartError::KeyLostForVault(e, vault));
             }
             if !config.dev_keys {
                 return Err(e.into());
@@ -82,6 +85,63 @@ fn load_keys(config: &Config) -> Result<Keyring, StartError> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Opens the configured storage engine: sled in `data_dir`, or the
+/// PostgreSQL database of `store` (its schema brought up to date).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    Ok(match &config.store {
+        None => Arc::new(SledStore::open(&config.data_dir, &config.sled())?),
+        Some(url) => {
+            let store = PostgresStore::open(url.expose(), &config.postgres()).await?;
+            tracing::info!(store = store.describe(), "vault in PostgreSQL");
+            Arc::new(store)
+        }
+    })
+}
+
+/// Keeps the health service in step with the storage engine: NOT_SERVING
+/// while it cannot be reached, SERVING again once it can.
+async fn watch_store(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let result = vault.ping().await;
+        if result.is_ok() == serving {
+            continue;
+        }
+        serving = result.is_ok();
+        let status = match &result {
+            Ok(()) => {
+                tracing::info!("the vault's storage is reachable again: serving");
+                tonic_health::ServingStatus::Serving
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the vault's storage is unreachable: not serving");
+                tonic_health::ServingStatus::NotServing
+            }
+        };
+        set_health(&health, status).await;
+    }
+}
+
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health
+        .set_service_status(
+            <CardServiceServer<CardApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <AuthorizationServiceServer<SwitchApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health.set_service_status("", status).await;
 }
 
 /// The opened service, ready to serve.
@@ -130,9 +190,23 @@ impl Service {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
         let vault_config = config.vault()?;
-        let keys = Arc::new(load_keys(config)?);
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, &config.sled())?);
-        let vault = Vault::open(wrap(store), keys, vault_config, system_clock()).await?;
+        let (keys, store) = match &config.store {
+            None => {
+                // Check the key before sled creates the data directory.
+                let keys = load_keys(
+                    config,
+                    has_data(&config.data_dir),
+                    config.data_dir.display().to_string(),
+                )?;
+                (keys, open_store(config).await?)
+            }
+            Some(url) => {
+                let store = open_store(config).await?;
+                let existing = store.get(KEY_CHECK_VALUE).await?.is_some();
+                (load_keys(config, existing, url.describe())?, store)
+            }
+        };
+        let vault = Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -198,18 +272,15 @@ impl Service {
         }
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(watch_store(self.vault.clone(), health.clone()));
+        let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
             async move {
                 shutdown.await;
                 tracing::info!(grace = ?limits.drain_grace, "shutting down: health is NOT_SERVING, still taking calls");
-                health.set_not_serving::<CardServiceServer<CardApi>>().await;
-                health
-                    .set_not_serving::<AuthorizationServiceServer<SwitchApi>>()
-                    .await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                stop_watching.abort();
+                set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 tokio::time::sleep(limits.drain_grace).await;
                 tracing::info!("no longer taking calls; draining calls in flight");
                 let _ = draining_tx.send(());
@@ -245,6 +316,7 @@ impl Service {
                 Ok(())
             }
         };
+        watcher.abort();
         // Whatever happened, make what was written durable before exiting.
         let synced = self.vault.sync().await;
         served?;

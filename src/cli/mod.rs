@@ -12,9 +12,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::clients::{self, Role};
-use crate::config::Config;
+use crate::config::{Config, StoreUrl};
 use crate::server;
 use crate::vault::keyfile;
+use crate::vault::postgres_store::PostgresStore;
 
 pub const EXIT_DECLINED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -44,7 +45,22 @@ enum Command {
         /// Where the master key and clients live [default: ./keys].
         #[arg(long)]
         keys_dir: Option<PathBuf>,
+        /// Keep the vault in this PostgreSQL database
+        /// (postgres://user:password@host:port/db), shared with other
+        /// instances, instead of the embedded engine in --data-dir.
+        #[arg(long, env = "VCN_STORE", hide_env_values = true)]
+        store: Option<String>,
         /// A TOML configuration file; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Bring a PostgreSQL store's schema up to date and exit (`serve` does
+    /// the same at start).
+    Migrate {
+        /// The database (postgres://user:password@host:port/db).
+        #[arg(long, env = "VCN_STORE", hide_env_values = true)]
+        store: Option<String>,
+        /// A TOML configuration file naming the store.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -110,15 +126,13 @@ pub fn main() -> ExitCode {
             listen,
             data_dir,
             keys_dir,
+            store,
             config,
         } => {
             init_logging();
-            let mut cfg = match config {
-                Some(path) => match Config::load(&path) {
-                    Ok(c) => c,
-                    Err(e) => return fail(EXIT_USAGE, e),
-                },
-                None => Config::default(),
+            let mut cfg = match load_config(config, store) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             if let Some(l) = listen {
                 cfg.listen = l;
@@ -141,6 +155,42 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(EXIT_UNAVAILABLE, e),
             }
         }
+        Command::Migrate { store, config } => {
+            init_logging();
+            let cfg = match load_config(config, store) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(url) = cfg.store.clone() else {
+                return fail(
+                    EXIT_USAGE,
+                    "migrate needs a PostgreSQL store: --store postgres://... (or store in --config)",
+                );
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(EXIT_UNAVAILABLE, format!("cannot start the runtime: {e}")),
+            };
+            let migrated = rt.block_on(async {
+                PostgresStore::open(url.expose(), &cfg.postgres())
+                    .await?
+                    .migrate()
+                    .await
+            });
+            match migrated {
+                Ok(version) => {
+                    println!(
+                        "the schema of the {} is at version {version}",
+                        url.describe()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, e),
+            }
+        }
         Command::Keygen { keys_dir } => match keyfile::generate(&keys_dir) {
             Ok(path) => {
                 println!("wrote a new master key to {} (mode 0600)", path.display());
@@ -151,6 +201,19 @@ pub fn main() -> ExitCode {
         Command::Client { command } => client_command(command),
         Command::Remote(cmd) => remote::run(cmd),
     }
+}
+
+/// The configuration file (or the defaults), with `--store` over it.
+fn load_config(path: Option<PathBuf>, store: Option<String>) -> Result<Config, ExitCode> {
+    let mut cfg = match path {
+        Some(path) => Config::load(&path).map_err(|e| fail(EXIT_USAGE, e))?,
+        None => Config::default(),
+    };
+    if let Some(s) = store {
+        cfg.store = Some(StoreUrl::new(s));
+        cfg.vault().map_err(|e| fail(EXIT_USAGE, e))?;
+    }
+    Ok(cfg)
 }
 
 fn client_command(command: ClientCommand) -> ExitCode {

@@ -6,6 +6,7 @@
 pub mod chaos;
 pub mod crypto;
 pub mod keyfile;
+pub mod postgres_store;
 pub mod records;
 pub mod sled_store;
 pub mod store;
@@ -1018,6 +1019,11 @@ impl Vault {
             card_id: id,
             state: card.state,
         })
+    }
+
+    /// Whether the storage engine can serve now (the health check).
+    pub async fn ping(&self) -> Result<(), VaultError> {
+        Ok(self.store.ping().await?)
     }
 
     /// Makes everything written so far durable (used at shutdown).

@@ -4,8 +4,9 @@
 //! primitive that matters is [`Store::update`]: read some keys, decide,
 //! write all or nothing, serialised with every other update of the same
 //! keys, durable before it returns. The authorisation decision runs inside
-//! it. sled is the embedded engine ([`super::sled_store`]); a SQL engine
-//! implements the same with row locks or serialisable transactions.
+//! it. sled is the embedded engine ([`super::sled_store`]); PostgreSQL
+//! ([`super::postgres_store`]) implements the same with row locks in
+//! serialisable transactions, shared by several processes.
 
 use async_trait::async_trait;
 
@@ -58,4 +59,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable.
     async fn sync(&self) -> Result<(), StoreError>;
+
+    /// Whether the engine can serve now: the health check asks it every
+    /// second. An embedded engine is always there.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -24,11 +24,34 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The `--store` of the engine under test for a server in `dir`: none for
+/// sled, else a database created for `dir` on first use (so a restart in
+/// the same directory finds its data).
+fn store_args(dir: &Path) -> Vec<String> {
+    if crate::engine::engine() == crate::engine::Engine::Sled {
+        return vec![];
+    }
+    let remembered = dir.join("store-url");
+    let url = match std::fs::read_to_string(&remembered) {
+        Ok(u) => u,
+        Err(_) => {
+            let url = crate::engine::fresh_store()
+                .expect("a store for the postgres engine")
+                .expose()
+                .to_string();
+            std::fs::write(&remembered, &url).unwrap();
+            url
+        }
+    };
+    vec!["--store".into(), url]
+}
+
 pub fn serve(dir: &Path) -> Served {
     let port = free_port();
     let log = dir.join("serve.log");
     let child = Command::new(VCN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(store_args(dir))
         .current_dir(dir)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())

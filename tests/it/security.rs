@@ -1,30 +1,16 @@
 //! The vault's protections, checked on the bytes it writes.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
 use tonic::Code;
 use vcn::api::pb;
+use vcn::config::Config;
 use vcn::domain::CardId;
 use vcn::vault::records::{card_key, CardRecord};
-use vcn::vault::sled_store::{SledOptions, SledStore};
-use vcn::vault::{Store, Write};
+use vcn::vault::Write;
 
 use crate::support::*;
-
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(all_bytes(&path));
-        } else {
-            out.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
 
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
@@ -53,15 +39,22 @@ async fn no_card_number_is_stored_in_clear() {
     }
     drop((cards, switch));
     let (_dir, config) = server.stop().await;
-    let bytes = all_bytes(&config.data_dir);
+    let bytes = bytes_at_rest(&config);
     assert!(
         bytes.len() > 10_000,
-        "the scan must read the vault's files ({} bytes)",
+        "the scan must read the vault's data ({} bytes)",
         bytes.len()
     );
     assert!(
         contains(&bytes, "vc_"),
-        "sanity: card ids are in the files the scan reads"
+        "sanity: card ids are in the bytes the scan reads"
+    );
+    // Sanity: the scan reads stored values too, not only keys (every
+    // card's masked number is stored in its record).
+    let masked = format!("{}******{}", &numbers[3][..6], &numbers[3][12..]);
+    assert!(
+        contains(&bytes, &masked),
+        "sanity: stored record values are in the bytes the scan reads"
     );
     for n in &numbers {
         if let Some(at) = bytes.windows(n.len()).position(|w| w == n.as_bytes()) {
@@ -76,8 +69,8 @@ async fn no_card_number_is_stored_in_clear() {
     }
 }
 
-async fn edit_record(data_dir: &Path, id: &str, edit: impl FnOnce(&mut CardRecord)) {
-    let store = SledStore::open(data_dir, &SledOptions::default()).unwrap();
+async fn edit_record(config: &Config, id: &str, edit: impl FnOnce(&mut CardRecord)) {
+    let store = open_store(config).await;
     let key = card_key(&CardId::parse("card_id", id).unwrap());
     let mut rec = CardRecord::decode(&store.get(&key).await.unwrap().unwrap()[..]).unwrap();
     edit(&mut rec);
@@ -88,8 +81,8 @@ async fn edit_record(data_dir: &Path, id: &str, edit: impl FnOnce(&mut CardRecor
         .unwrap();
 }
 
-async fn read_record(data_dir: &Path, id: &str) -> CardRecord {
-    let store = SledStore::open(data_dir, &SledOptions::default()).unwrap();
+async fn read_record(config: &Config, id: &str) -> CardRecord {
+    let store = open_store(config).await;
     let key = card_key(&CardId::parse("card_id", id).unwrap());
     CardRecord::decode(&store.get(&key).await.unwrap().unwrap()[..]).unwrap()
 }
@@ -111,7 +104,7 @@ async fn a_flipped_ciphertext_byte_is_an_error_never_a_wrong_number() {
     let id = card.card.as_ref().unwrap().card_id.clone();
     drop(cards);
     let (dir, config) = server.stop().await;
-    edit_record(&config.data_dir, &id, |r| {
+    edit_record(&config, &id, |r| {
         let s = r.sealed.as_mut().unwrap();
         let last = s.funding_pan.len() - 1;
         s.funding_pan[last] ^= 0x01;
@@ -165,8 +158,8 @@ async fn ciphertext_copied_onto_another_record_fails_to_open() {
     );
     drop(cards);
     let (dir, config) = server.stop().await;
-    let a_sealed = read_record(&config.data_dir, &a_id).await.sealed;
-    edit_record(&config.data_dir, &b_id, |r| r.sealed = a_sealed).await;
+    let a_sealed = read_record(&config, &a_id).await.sealed;
+    edit_record(&config, &b_id, |r| r.sealed = a_sealed).await;
 
     let server = TestServer::start_with(dir, config).await;
     let mut switch = server.switch_as(&switch_key).await;

@@ -47,11 +47,45 @@ pub struct TestServer {
     task: Option<JoinHandle<Result<(), StartError>>>,
 }
 
+/// A configuration in `dir`, on the engine under test (a fresh database
+/// for PostgreSQL).
 pub fn config_in(dir: &Path) -> Config {
     Config {
         data_dir: dir.join("data"),
         keys_dir: dir.join("keys"),
+        store: crate::engine::fresh_store(),
         ..Config::default()
+    }
+}
+
+/// Everything the vault's engine holds at rest, as bytes to scan: sled's
+/// files, or a `pg_dump` of the database (its bytea values decoded).
+pub fn bytes_at_rest(config: &Config) -> Vec<u8> {
+    match &config.store {
+        None => all_bytes(&config.data_dir),
+        Some(url) => crate::engine::dump_database(url.expose()),
+    }
+}
+
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
+/// The configured engine's store, opened directly (the server stopped),
+/// for tests that read or tamper with records.
+pub async fn open_store(config: &Config) -> Arc<dyn vcn::vault::Store> {
+    match vcn::server::open_store(config).await {
+        Ok(s) => s,
+        Err(e) => panic!("open the store: {e}"),
     }
 }
 
