@@ -18,6 +18,10 @@ use crate::vault::VaultConfig;
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
+    /// Start a new, empty vault even though this keys directory has served
+    /// one before (see [`crate::installation`]). A flag, not a file setting.
+    #[serde(skip)]
+    pub new_vault: bool,
     /// Where the vault keeps its data with the embedded engine (sled).
     pub data_dir: PathBuf,
     /// The storage engine: unset for the embedded one (sled, in
@@ -74,6 +78,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            new_vault: false,
             data_dir: PathBuf::from("data"),
             store: None,
             postgres_pool_size: 16,

@@ -16,5 +16,6 @@ pub mod clients;
 pub mod config;
 pub mod deadline;
 pub mod domain;
+pub mod installation;
 pub mod server;
 pub mod vault;

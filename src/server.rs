@@ -17,6 +17,7 @@ use crate::api::pb::card_service_server::CardServiceServer;
 use crate::api::switch::SwitchApi;
 use crate::clients::{ClientsError, Registry, Role};
 use crate::config::{Config, ConfigError};
+use crate::installation;
 use crate::vault::crypto::Keyring;
 use crate::vault::keyfile::{self, KeyFileError};
 use crate::vault::postgres_store::PostgresStore;
@@ -43,6 +44,8 @@ pub enum StartError {
     Vault(#[from] VaultError),
     #[error(transparent)]
     Clients(#[from] ClientsError),
+    #[error(transparent)]
+    Installation(#[from] crate::installation::InstallationError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -190,23 +193,38 @@ impl Service {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
         let vault_config = config.vault()?;
-        let (keys, store) = match &config.store {
+        let (keys, store, existing, describe) = match &config.store {
             None => {
-                // Check the key before sled creates the data directory.
-                let keys = load_keys(
-                    config,
-                    has_data(&config.data_dir),
-                    config.data_dir.display().to_string(),
-                )?;
-                (keys, open_store(config).await?)
+                // Check the key and the installation before sled creates
+                // the data directory.
+                let existing = has_data(&config.data_dir);
+                let describe = config.data_dir.display().to_string();
+                installation::check(&config.keys_dir, &describe, existing, config.new_vault)?;
+                let keys = load_keys(config, existing, describe.clone())?;
+                (keys, open_store(config).await?, existing, describe)
             }
             Some(url) => {
                 let store = open_store(config).await?;
                 let existing = store.get(KEY_CHECK_VALUE).await?.is_some();
-                (load_keys(config, existing, url.describe())?, store)
+                installation::check(
+                    &config.keys_dir,
+                    &url.describe(),
+                    existing,
+                    config.new_vault,
+                )?;
+                (
+                    load_keys(config, existing, url.describe())?,
+                    store,
+                    existing,
+                    url.describe(),
+                )
             }
         };
+        let check_value = keys.current().check_value().to_string();
         let vault = Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?;
+        if !existing {
+            installation::record(&config.keys_dir, &describe, &check_value)?;
+        }
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(

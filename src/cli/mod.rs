@@ -53,6 +53,10 @@ enum Command {
         /// A TOML configuration file; flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start a new, empty vault even though this keys directory has
+        /// served one before (by default an empty store is then refused).
+        #[arg(long)]
+        new_vault: bool,
     },
     /// Bring a PostgreSQL store's schema up to date and exit (`serve` does
     /// the same at start).
@@ -128,6 +132,7 @@ pub fn main() -> ExitCode {
             keys_dir,
             store,
             config,
+            new_vault,
         } => {
             init_logging();
             let mut cfg = match load_config(config, store) {
@@ -137,6 +142,7 @@ pub fn main() -> ExitCode {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
+            cfg.new_vault = new_vault;
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
             }

@@ -42,6 +42,58 @@ const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a broken store may try to reopen.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
+/// A checkpoint written into sled and, once sled has made it durable, into
+/// a file beside it (`vcn-epoch`). sled recovers a damaged log silently, to
+/// the last record it can read: a truncated or corrupted database file
+/// would come back with acknowledged writes missing and no error. The file
+/// holds the last checkpoint sled had on disk; if sled opens with an older
+/// one, it lost durable writes, and the store refuses to open.
+const EPOCH_KEY: &[u8] = b"m/durable-epoch";
+const EPOCH_FILE: &str = "vcn-epoch";
+const EPOCH_EVERY: Duration = Duration::from_secs(1);
+
+fn db_epoch(db: &sled::Db) -> Result<u64, StoreError> {
+    Ok(db
+        .get(EPOCH_KEY)
+        .map_err(io_error)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+fn read_epoch_file(dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = dir.join(EPOCH_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().parse().map(Some).map_err(|_| {
+            StoreError::Corrupt(format!("{} is not a checkpoint number", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn write_epoch_file(dir: &Path, epoch: u64) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{epoch}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(EPOCH_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes the next checkpoint into sled, makes it durable, then records it
+/// beside the database. Never records one sled does not have on disk.
+fn checkpoint(db: &sled::Db, dir: &Path, epoch: &mut u64) -> Result<(), String> {
+    let next = *epoch + 1;
+    db.insert(EPOCH_KEY, &next.to_be_bytes())
+        .map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    write_epoch_file(dir, next).map_err(|e| e.to_string())?;
+    *epoch = next;
+    Ok(())
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct SledOptions {
@@ -79,6 +131,9 @@ struct Commit {
 /// One open sled database and its flusher thread.
 struct Engine {
     db: sled::Db,
+    dir: PathBuf,
+    /// The last checkpoint; the flusher advances it.
+    epoch: Arc<AtomicU64>,
     commit: Arc<Commit>,
     flusher: Option<JoinHandle<()>>,
 }
@@ -103,6 +158,18 @@ impl Engine {
                 Err(e) => return Err(describe_open_error(dir, e)),
             }
         };
+        let epoch = db_epoch(&db)?;
+        if let Some(recorded) = read_epoch_file(dir)? {
+            if epoch < recorded {
+                return Err(StoreError::Corrupt(format!(
+                    "the vault in {} has lost writes that were durable (its database is at checkpoint {epoch}, \
+                     but checkpoint {recorded} was on disk before): the database file was truncated or corrupted. \
+                     Do not serve from it: restore the data directory from a backup (vcn restore)",
+                    dir.display()
+                )));
+            }
+        }
+        let epoch = Arc::new(AtomicU64::new(epoch));
         let (tx, _) = watch::channel(Flushed::default());
         let commit = Arc::new(Commit {
             written: AtomicU64::new(0),
@@ -111,16 +178,19 @@ impl Engine {
             flushed: tx,
         });
         let flusher = {
-            let (db, commit) = (db.clone(), commit.clone());
+            let (db, commit, dir, epoch) =
+                (db.clone(), commit.clone(), dir.to_path_buf(), epoch.clone());
             std::thread::Builder::new()
                 .name("vcn-flusher".into())
-                .spawn(move || flush_loop(&db, &commit))
+                .spawn(move || flush_loop(&db, &commit, &dir, &epoch))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start the flusher thread: {e}"))
                 })?
         };
         Ok(Engine {
             db,
+            dir: dir.to_path_buf(),
+            epoch,
             commit,
             flusher: Some(flusher),
         })
@@ -137,7 +207,10 @@ impl Drop for Engine {
         if let Some(t) = self.flusher.take() {
             let _ = t.join();
         }
-        let _ = self.db.flush();
+        let mut epoch = self.epoch.load(Ordering::SeqCst);
+        if let Err(e) = checkpoint(&self.db, &self.dir, &mut epoch) {
+            tracing::warn!(error = %e, "no checkpoint at close (the vault is consistent as of the last one)");
+        }
     }
 }
 
@@ -326,8 +399,9 @@ impl SledStore {
     }
 }
 
-fn flush_loop(db: &sled::Db, commit: &Commit) {
+fn flush_loop(db: &sled::Db, commit: &Commit, dir: &Path, epoch: &AtomicU64) {
     let mut done = 0u64;
+    let mut last_checkpoint = Instant::now();
     loop {
         {
             let mut stop = commit.wake.lock().unwrap_or_else(|e| e.into_inner());
@@ -343,6 +417,14 @@ fn flush_loop(db: &sled::Db, commit: &Commit) {
             Ok(_) => {
                 done = target;
                 commit.flushed.send_modify(|f| f.upto = target);
+                if last_checkpoint.elapsed() >= EPOCH_EVERY {
+                    last_checkpoint = Instant::now();
+                    let mut e = epoch.load(Ordering::SeqCst);
+                    match checkpoint(db, dir, &mut e) {
+                        Ok(()) => epoch.store(e, Ordering::SeqCst),
+                        Err(err) => tracing::error!(error = %err, "writing a checkpoint failed"),
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "flushing the vault to disk failed");

@@ -177,3 +177,127 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns(
     server.stop().await;
     drop(fs);
 }
+
+fn sled_only(test: &str) -> bool {
+    if crate::engine::engine() == crate::engine::Engine::Postgres {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {test} is about sled's files");
+        return false;
+    }
+    true
+}
+
+/// A vault with some cards, stopped cleanly; returns its directory and
+/// configuration.
+async fn stopped_vault_with_cards(n: usize) -> (Arc<tempfile::TempDir>, vcn::config::Config) {
+    let server = TestServer::start().await;
+    let (mut cards, _) = server.clients().await;
+    for _ in 0..n {
+        issue(&mut cards, issue_req("alice", 100)).await;
+    }
+    drop(cards);
+    server.stop().await
+}
+
+fn refused(r: Result<TestServer, vcn::server::StartError>) -> String {
+    match r {
+        Ok(_) => panic!("the server started"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_or_corrupted_database_file_is_refused_not_silently_shortened() {
+    if !sled_only("the truncation test") {
+        return;
+    }
+    for damage in ["truncate", "overwrite"] {
+        let (dir, config) = stopped_vault_with_cards(150).await;
+        let db = config.data_dir.join("db");
+        let size = std::fs::metadata(&db).unwrap().len();
+        match damage {
+            "truncate" => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&db)
+                .unwrap()
+                .set_len(size / 2)
+                .unwrap(),
+            _ => {
+                use std::io::{Seek, SeekFrom, Write};
+                let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+                f.seek(SeekFrom::Start(size / 3)).unwrap();
+                f.write_all(&vec![0x5a; 4096]).unwrap();
+            }
+        }
+        let msg = refused(TestServer::try_start_with(dir, config).await);
+        assert!(
+            msg.contains("truncated or corrupted") && msg.contains("restore"),
+            "{damage}: {msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_existing_installation_never_starts_on_an_empty_or_missing_data_directory() {
+    if !sled_only("the missing data directory test") {
+        return;
+    }
+    let (dir, config) = stopped_vault_with_cards(3).await;
+    std::fs::rename(&config.data_dir, dir.path().join("data.moved")).unwrap();
+    let msg = refused(TestServer::try_start_with(dir.clone(), config.clone()).await);
+    assert!(
+        msg.contains("refusing to start an empty vault") && msg.contains("--new-vault"),
+        "{msg}"
+    );
+    assert!(
+        !config.data_dir.exists(),
+        "nothing was created in its place"
+    );
+
+    // Moved back: it starts, with its cards.
+    std::fs::rename(dir.path().join("data.moved"), &config.data_dir).unwrap();
+    let server = TestServer::start_with(dir.clone(), config.clone()).await;
+    let (mut cards, _) = server.clients().await;
+    let list = cards
+        .list_cards(pb::ListCardsRequest {
+            owner: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(list.into_inner().cards.len(), 3);
+    drop(cards);
+    let (dir, config) = server.stop().await;
+
+    // --new-vault starts a fresh one on purpose.
+    std::fs::remove_dir_all(&config.data_dir).unwrap();
+    let fresh = vcn::config::Config {
+        new_vault: true,
+        ..config
+    };
+    let server = TestServer::start_with(dir, fresh).await;
+    let (mut cards, _) = server.clients().await;
+    let list = cards
+        .list_cards(pb::ListCardsRequest {
+            owner: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(list.into_inner().cards.is_empty());
+}
+
+#[tokio::test]
+async fn a_data_directory_that_cannot_be_one_is_refused_with_its_name() {
+    if !sled_only("the unusable data directory test") {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = config_in(dir.path());
+    std::fs::write(&config.data_dir, "not a directory").unwrap();
+    let msg = refused(TestServer::try_start_with(dir, config.clone()).await);
+    assert!(
+        msg.contains(&config.data_dir.display().to_string()),
+        "{msg}"
+    );
+}
