@@ -11,6 +11,7 @@
 //! - [`cli`]: the `vcn` command line.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod clients;
 pub mod config;

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
+use crate::api::admin::AdminApi;
 use crate::api::auth::Authenticator;
 use crate::api::cards::CardApi;
+use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::authorization_service_server::AuthorizationServiceServer;
 use crate::api::pb::card_service_server::CardServiceServer;
 use crate::api::switch::SwitchApi;
@@ -275,6 +277,11 @@ impl Service {
                 &[Role::Cards, Role::Admin],
             ),
         );
+        let admin = InterceptedService::new(
+            AdminServiceServer::new(AdminApi::new(self.vault.clone()))
+                .max_decoding_message_size(max),
+            Authenticator::new(self.registry.clone(), "AdminService", &[Role::Admin]),
+        );
         let switch = InterceptedService::new(
             AuthorizationServiceServer::new(SwitchApi::new(self.vault.clone()))
                 .max_decoding_message_size(max),
@@ -319,6 +326,7 @@ impl Service {
             .add_service(reflection)
             .add_service(cards)
             .add_service(switch)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, drain);
         tokio::pin!(served);
         let bound = async {

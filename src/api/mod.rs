@@ -2,6 +2,7 @@
 //! call the vault, and map errors to `tonic::Status` in one place
 //! ([`status`]).
 
+pub mod admin;
 pub mod auth;
 pub mod cards;
 pub mod convert;

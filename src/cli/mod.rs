@@ -73,6 +73,17 @@ enum Command {
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
     },
+    /// Restore a backup (from `vcn backup`) into an empty data directory,
+    /// with the server stopped. The keys directory must hold the master key
+    /// the backup was made with.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "keys")]
+        keys_dir: PathBuf,
+    },
     /// Manage API clients.
     Client {
         #[command(subcommand)]
@@ -205,6 +216,11 @@ pub fn main() -> ExitCode {
             Err(e) => fail(EXIT_USAGE, e),
         },
         Command::Client { command } => client_command(command),
+        Command::Restore {
+            from,
+            data_dir,
+            keys_dir,
+        } => restore(&from, &data_dir, &keys_dir),
         Command::Remote(cmd) => remote::run(cmd),
     }
 }
@@ -220,6 +236,43 @@ fn load_config(path: Option<PathBuf>, store: Option<String>) -> Result<Config, E
         cfg.vault().map_err(|e| fail(EXIT_USAGE, e))?;
     }
     Ok(cfg)
+}
+
+fn restore(
+    from: &std::path::Path,
+    data_dir: &std::path::Path,
+    keys_dir: &std::path::Path,
+) -> ExitCode {
+    let kcv = match keyfile::load(keys_dir) {
+        Ok(master) => crate::vault::crypto::Keyring::single(&master)
+            .current()
+            .check_value()
+            .to_string(),
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_UNAVAILABLE, format!("cannot start the runtime: {e}")),
+    };
+    match rt.block_on(crate::backup::restore(from, data_dir, Some(&kcv))) {
+        Ok(n) => {
+            if let Err(e) =
+                crate::installation::record(keys_dir, &data_dir.display().to_string(), &kcv)
+            {
+                return fail(EXIT_UNAVAILABLE, e);
+            }
+            println!("restored {n} entries into {}", data_dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(
+            e @ (crate::backup::BackupError::NotEmpty(_)
+            | crate::backup::BackupError::WrongKey { .. }),
+        ) => fail(EXIT_USAGE, e),
+        Err(e) => fail(EXIT_UNAVAILABLE, e),
+    }
 }
 
 fn client_command(command: ClientCommand) -> ExitCode {

@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::api::pb;
+use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::api::pb::authorization_service_client::AuthorizationServiceClient;
 use crate::api::pb::card_service_client::CardServiceClient;
 use crate::cli::{fail, EXIT_DECLINED, EXIT_UNAVAILABLE, EXIT_USAGE};
@@ -80,6 +81,15 @@ pub enum RemoteCommand {
         amount: Option<String>,
         #[arg(long, default_value = "")]
         reversal_id: String,
+    },
+    /// Save a consistent online backup of the vault (needs an admin key).
+    /// Card numbers stay sealed in it; keep it like the data directory.
+    Backup {
+        #[command(flatten)]
+        conn: Connection,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Show the funding card of a virtual number (needs a switch key).
     Detokenize {
@@ -473,6 +483,49 @@ async fn execute(cmd: RemoteCommand) -> Result<ExitCode, Failure> {
             } else {
                 ExitCode::from(EXIT_DECLINED)
             })
+        }
+        RemoteCommand::Backup { conn, out } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;
+            let mut client = AdminServiceClient::new(connect(&conn).await?);
+            let mut stream = client.backup(pb::BackupRequest {}).await?.into_inner();
+            let mut bytes = 0usize;
+            let result: Result<(), Failure> = async {
+                while let Some(chunk) = stream.message().await? {
+                    file.write_all(&chunk.data).map_err(|e| {
+                        Failure(EXIT_UNAVAILABLE, format!("writing {}: {e}", out.display()))
+                    })?;
+                    bytes += chunk.data.len();
+                }
+                file.sync_all().map_err(|e| {
+                    Failure(EXIT_UNAVAILABLE, format!("writing {}: {e}", out.display()))
+                })
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&out);
+                return Err(e);
+            }
+            // Prove the copy whole before saying so.
+            crate::backup::Backup::open(&out).map_err(|e| {
+                Failure(
+                    EXIT_UNAVAILABLE,
+                    format!("the backup did not arrive whole: {e}"),
+                )
+            })?;
+            let value = json!({"file": out.display().to_string(), "bytes": bytes});
+            print(
+                conn.json,
+                value,
+                format!("backup written to {} ({bytes} bytes)", out.display()),
+            );
+            Ok(ExitCode::SUCCESS)
         }
         RemoteCommand::Detokenize { conn, pan } => {
             let req = pb::DetokenizeRequest {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::vault::store::{Decide, Store, StoreError};
+use crate::vault::store::{Decide, ExportSink, Store, StoreError};
 
 pub struct ChaosStore {
     inner: Arc<dyn Store>,
@@ -67,5 +67,9 @@ impl Store for ChaosStore {
 
     async fn sync(&self) -> Result<(), StoreError> {
         self.inner.sync().await
+    }
+
+    async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
+        self.inner.export(sink).await
     }
 }

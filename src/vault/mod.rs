@@ -1026,6 +1026,14 @@ impl Vault {
         Ok(self.store.ping().await?)
     }
 
+    /// Writes a consistent backup of the whole vault to `path`.
+    pub async fn backup_to(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<u64, crate::backup::BackupError> {
+        crate::backup::write(self.store.as_ref(), path).await
+    }
+
     /// Makes everything written so far durable (used at shutdown).
     pub async fn sync(&self) -> Result<(), VaultError> {
         Ok(self.store.sync().await?)

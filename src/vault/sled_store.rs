@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::vault::store::{Decide, Store, StoreError, Write};
+use crate::vault::store::{Decide, ExportSink, Store, StoreError, Write};
 
 const STRIPES: usize = 4096;
 
@@ -223,6 +223,9 @@ pub struct SledStore {
     engine: RwLock<Option<Arc<Engine>>>,
     /// Striped locks that serialise updates touching the same keys.
     locks: Box<[Mutex<()>]>,
+    /// Every update applies under a shared hold of this; an export holds it
+    /// alone, so it sees no update half-applied.
+    barrier: RwLock<()>,
     /// Set by a write error: writes are refused until a reopen succeeds.
     broken: AtomicBool,
     /// Why the store is broken, for the refusal message.
@@ -240,6 +243,7 @@ impl SledStore {
             options: options.clone(),
             engine: RwLock::new(Some(Arc::new(engine))),
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            barrier: RwLock::new(()),
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(String::new()),
             last_reopen: Mutex::new(None),
@@ -340,6 +344,7 @@ impl SledStore {
     ) -> Result<(Arc<Engine>, u64), StoreError> {
         self.writable()?;
         let engine = self.engine()?;
+        let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
         let _guards: Vec<MutexGuard<'_, ()>> = self
             .stripes(keys)
             .into_iter()
@@ -510,6 +515,19 @@ impl Store for SledStore {
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
         let (engine, ticket) = self.apply(keys, decide)?;
         self.wait_durable(&engine, ticket).await
+    }
+
+    async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
+        let engine = self.engine()?;
+        // Writes wait while this copies; a copy of 1 M cards takes seconds.
+        let _alone = self.barrier.write().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for item in engine.db.iter() {
+            let (k, v) = item.map_err(io_error)?;
+            sink(&k, &v)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

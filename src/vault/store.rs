@@ -65,4 +65,17 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Hands every entry, in key order, to `sink`, as of one instant: no
+    /// update is half in it. Returns how many entries there were.
+    async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
+        let _ = sink;
+        Err(StoreError::Unavailable(
+            "this storage engine has no built-in backup: use the database's own tools (pg_dump)"
+                .into(),
+        ))
+    }
 }
+
+/// Receives one exported entry (key, value).
+pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + Send + 'a;

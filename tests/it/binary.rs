@@ -47,11 +47,17 @@ fn store_args(dir: &Path) -> Vec<String> {
 }
 
 pub fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+/// `vcn serve` in `dir` with extra arguments.
+pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let port = free_port();
     let log = dir.join("serve.log");
     let child = Command::new(VCN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(store_args(dir))
+        .args(extra)
         .current_dir(dir)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())

@@ -68,7 +68,7 @@ struct Counters {
     checks: AtomicU64,
 }
 
-async fn connect(
+pub async fn connect(
     port: u16,
     key: &str,
 ) -> Option<tonic::service::interceptor::InterceptedService<Channel, Bearer>> {

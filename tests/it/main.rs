@@ -4,6 +4,7 @@
 
 mod access;
 mod authorize;
+mod backup;
 mod binary;
 mod concurrency;
 mod crash;
