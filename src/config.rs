@@ -50,10 +50,14 @@ pub struct Config {
     pub max_validity_days: i64,
     /// Wrong CVVs or expiries in a row that block a card.
     pub max_failed_verifications: u32,
-    /// How long an issued number stays reserved after its card ends, so that
-    /// late refunds and chargebacks still map (13 months). Numbers are kept
-    /// for as long as their card's record exists; purging comes later.
+    /// How long a closed, used or expired card stays detokenisable (so late
+    /// refunds and chargebacks still map) before it is purged (13 months).
+    pub retention_days: i64,
+    /// How long a purged card's number stays reserved before it may be
+    /// issued again (13 months).
     pub quarantine_days: i64,
+    /// How often the retention pass runs, in minutes (0: never).
+    pub purge_every_minutes: u64,
     /// sled's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
@@ -90,7 +94,9 @@ impl Default for Config {
             default_validity_days: 30,
             max_validity_days: 5 * 366,
             max_failed_verifications: 3,
+            retention_days: 396,
             quarantine_days: 396,
+            purge_every_minutes: 60,
             cache_capacity_mib: 256,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
@@ -193,6 +199,11 @@ impl Config {
                 "postgres_pool_size and postgres_timeout_ms must be at least 1".into(),
             ));
         }
+        if self.retention_days < 1 || self.quarantine_days < 0 {
+            return Err(ConfigError::Invalid(
+                "retention_days must be at least 1 and quarantine_days at least 0".into(),
+            ));
+        }
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
@@ -205,6 +216,8 @@ impl Config {
                 max_validity: time::Duration::days(self.max_validity_days),
             },
             max_failed_verifications: self.max_failed_verifications,
+            retention: time::Duration::days(self.retention_days),
+            quarantine: time::Duration::days(self.quarantine_days),
         })
     }
 

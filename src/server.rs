@@ -105,6 +105,16 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     })
 }
 
+/// Runs the retention pass every `every` (see [`crate::vault::purge`]).
+async fn purge_periodically(vault: Arc<Vault>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = vault.purge(time::OffsetDateTime::now_utc()).await {
+            tracing::error!(error = %e, "the retention pass failed; it will run again");
+        }
+    }
+}
+
 /// Keeps the health service in step with the storage engine: NOT_SERVING
 /// while it cannot be reached, SERVING again once it can.
 async fn watch_store(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
@@ -168,6 +178,8 @@ struct Limits {
     overall: usize,
     drain_grace: Duration,
     drain_timeout: Duration,
+    /// How often the retention pass runs (None: never).
+    purge_every: Option<Duration>,
 }
 
 impl Limits {
@@ -179,6 +191,8 @@ impl Limits {
             overall: c.max_concurrent_requests,
             drain_grace: Duration::from_millis(c.drain_grace_ms),
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
+            purge_every: (c.purge_every_minutes > 0)
+                .then(|| Duration::from_secs(c.purge_every_minutes * 60)),
         }
     }
 }
@@ -298,6 +312,9 @@ impl Service {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(watch_store(self.vault.clone(), health.clone()));
+        let purger = limits
+            .purge_every
+            .map(|every| tokio::spawn(purge_periodically(self.vault.clone(), every)));
         let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
@@ -343,6 +360,9 @@ impl Service {
             }
         };
         watcher.abort();
+        if let Some(p) = &purger {
+            p.abort();
+        }
         // Whatever happened, make what was written durable before exiting.
         let synced = self.vault.sync().await;
         served?;

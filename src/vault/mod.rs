@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod crypto;
 pub mod keyfile;
 pub mod postgres_store;
+pub mod purge;
 pub mod records;
 pub mod sled_store;
 pub mod store;
@@ -89,6 +90,10 @@ pub struct VaultConfig {
     pub bounds: PolicyBounds,
     /// Wrong CVVs or expiries in a row that block a card.
     pub max_failed_verifications: u32,
+    /// How long an ended card stays detokenisable before it is purged.
+    pub retention: time::Duration,
+    /// How long a purged card's number stays reserved.
+    pub quarantine: time::Duration,
 }
 
 /// Where the vault gets the time: the system clock in service, a fixed or
@@ -286,6 +291,10 @@ impl Vault {
                 .pan_index(v, pan)
                 .map_err(|e| VaultError::Internal(e.to_string()))?;
             if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
+                if purge::tombstone_until(&id).is_some() {
+                    // A purged card's number: reserved, mapping to nothing.
+                    return Ok(None);
+                }
                 let id = String::from_utf8(id).unwrap_or_default();
                 return CardId::parse("card_id", &id).map(Some).map_err(|_| {
                     VaultError::Internal("a stored number index entry is unreadable".into())
@@ -293,6 +302,21 @@ impl Vault {
             }
         }
         Ok(None)
+    }
+
+    /// Whether `pan` may not be issued: a card's number (live, ended or
+    /// purged and still in quarantine) or a known funding card.
+    pub async fn number_in_use(&self, pan: &Pan) -> Result<bool, VaultError> {
+        for v in self.keys.index_versions() {
+            let idx = self
+                .keys
+                .pan_index(v, pan)
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
+            if self.store.get(&pan_key(v, &idx)).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        self.is_known_funding(pan).await
     }
 
     /// Whether `pan` was ever seen as a funding card, under any version.
@@ -437,10 +461,7 @@ impl Vault {
                 }
                 pan
             };
-            if pan == req.funding_pan
-                || self.find_card(&pan).await?.is_some()
-                || self.is_known_funding(&pan).await?
-            {
+            if pan == req.funding_pan || self.number_in_use(&pan).await? {
                 continue;
             }
             let idx = self.keys.pan_index(version, &pan).map_err(crypto)?;

@@ -121,6 +121,10 @@ pub struct CardRecord {
     pub expiry_year: u32,
     #[prost(message, optional, tag = "21")]
     pub sealed: Option<SealedRecord>,
+    /// When a closed or used card was first seen ended (Unix seconds; 0:
+    /// not yet): the retention pass purges it `retention` later.
+    #[prost(int64, tag = "22")]
+    pub ended_at: i64,
 }
 
 /// The answer given to one transaction id, kept to answer its retries.

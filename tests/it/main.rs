@@ -15,6 +15,7 @@ mod limits;
 mod persistence;
 mod postgres;
 mod props;
+mod purge;
 mod security;
 mod support;
 mod validation;

@@ -41,6 +41,8 @@ pub type Switch = AuthorizationServiceClient<Chan>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The running server's vault, for tests that drive it directly.
+    pub vault: Arc<vcn::vault::Vault>,
     pub dir: Arc<TempDir>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
@@ -130,6 +132,7 @@ impl TestServer {
     }
 
     async fn serve(service: Service, dir: Arc<TempDir>, config: Config) -> TestServer {
+        let vault = service.vault.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
@@ -138,6 +141,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            vault,
             dir,
             config,
             stop: Some(tx),

@@ -1,0 +1,231 @@
+//! Retention: ended cards stay detokenisable for `retention`, then go; their
+//! numbers stay reserved for `quarantine` more.
+//!
+//! A card ends when it is closed or used (the purge pass that first sees
+//! that records the time) or when its `valid_until` passes. `retention`
+//! after its end, a pass deletes the card's record, its owner-list entry
+//! and the transaction records older than `retention`, and replaces its
+//! number index entries with tombstones: the number no longer maps to
+//! anything (Detokenize: NOT_FOUND, Authorize: 14) but cannot be issued
+//! again until `quarantine` after the purge, when a later pass frees it.
+
+use time::OffsetDateTime;
+
+use crate::domain::{CardId, CardState};
+use crate::vault::records::{
+    card_key, decode, owner_key, pan_key, CardRecord, IdempotencyRecord, TxnRecord,
+};
+use crate::vault::{Vault, VaultError, Write};
+
+/// Index entries of purged numbers start with this, then the big-endian
+/// Unix time until which the number stays reserved.
+pub const TOMBSTONE: &[u8] = b"purged:";
+
+/// Entries read per scan page.
+const PAGE: usize = 1000;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PurgeStats {
+    /// Cards seen ending (closed or used) for the first time.
+    pub ended: u64,
+    pub cards_purged: u64,
+    pub numbers_released: u64,
+    pub transactions_purged: u64,
+    pub idempotency_keys_purged: u64,
+}
+
+/// Whether an index value is a tombstone still reserving its number at `now`.
+pub fn tombstone_until(value: &[u8]) -> Option<i64> {
+    let rest = value.strip_prefix(TOMBSTONE)?;
+    Some(i64::from_be_bytes(rest.try_into().ok()?))
+}
+
+impl Vault {
+    /// Every entry under `prefix`, page by page.
+    async fn scan_all(
+        &self,
+        prefix: &[u8],
+        mut each: impl FnMut(Vec<u8>, Vec<u8>),
+    ) -> Result<(), VaultError> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(prefix, after.as_deref(), PAGE).await?;
+            let last = page.last().map(|(k, _)| k.clone());
+            let full = page.len() == PAGE;
+            for (k, v) in page {
+                each(k, v);
+            }
+            match (full, last) {
+                (true, Some(k)) => after = Some(k),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// One retention pass at `now`. Safe to run while serving: each change
+    /// is an update of its own that re-checks what it changes.
+    pub async fn purge(&self, now: OffsetDateTime) -> Result<PurgeStats, VaultError> {
+        let mut stats = PurgeStats::default();
+        let retention = self.config.retention;
+        let now_s = now.unix_timestamp();
+
+        let mut cards = Vec::new();
+        self.scan_all(b"c/", |_, v| cards.push(v)).await?;
+        for bytes in cards {
+            let rec: CardRecord = decode("card", &bytes)?;
+            let card = rec.card()?;
+            let ended = if card.state.is_final() {
+                if rec.ended_at == 0 {
+                    self.mark_ended(&card.id, now_s).await?;
+                    stats.ended += 1;
+                    continue;
+                }
+                rec.ended_at
+            } else {
+                card.policy.valid_until.unix_timestamp()
+            };
+            if ended + retention.whole_seconds() <= now_s && self.purge_card(&card.id, now).await? {
+                stats.cards_purged += 1;
+            }
+        }
+
+        // Numbers whose quarantine is over.
+        let mut tombstones = Vec::new();
+        self.scan_all(b"p/", |k, v| {
+            if tombstone_until(&v).is_some_and(|until| until <= now_s) {
+                tombstones.push(k);
+            }
+        })
+        .await?;
+        for key in tombstones {
+            let mut released = false;
+            self.store
+                .update(std::slice::from_ref(&key), &mut |v| {
+                    released = v[0]
+                        .as_deref()
+                        .and_then(tombstone_until)
+                        .is_some_and(|u| u <= now_s);
+                    if released {
+                        vec![Write::Delete(key.clone())]
+                    } else {
+                        vec![]
+                    }
+                })
+                .await?;
+            stats.numbers_released += u64::from(released);
+        }
+
+        // Transaction records past retention: retries come within minutes,
+        // never a year later.
+        let mut old = Vec::new();
+        self.scan_all(b"t/", |k, v| {
+            if decode::<TxnRecord>("transaction", &v)
+                .is_ok_and(|t| t.decided_at + retention.whole_seconds() <= now_s)
+            {
+                old.push(k);
+            }
+        })
+        .await?;
+        stats.transactions_purged = old.len() as u64;
+        for chunk in old.chunks(PAGE) {
+            let writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
+            self.store.update(&[], &mut |_| writes.clone()).await?;
+        }
+
+        // Idempotency keys of cards that are gone.
+        let mut keys = Vec::new();
+        self.scan_all(b"i/", |k, v| keys.push((k, v))).await?;
+        for (k, v) in keys {
+            let idem: IdempotencyRecord = decode("idempotency", &v)?;
+            let gone = match CardId::parse("card_id", &idem.card_id) {
+                Ok(id) => self.store.get(&card_key(&id)).await?.is_none(),
+                Err(_) => true,
+            };
+            if gone {
+                self.store
+                    .update(&[], &mut |_| vec![Write::Delete(k.clone())])
+                    .await?;
+                stats.idempotency_keys_purged += 1;
+            }
+        }
+        if stats != PurgeStats::default() {
+            tracing::info!(?stats, "retention pass");
+        }
+        Ok(stats)
+    }
+
+    async fn mark_ended(&self, id: &CardId, now_s: i64) -> Result<(), VaultError> {
+        let key = card_key(id);
+        let mut result = Ok(());
+        self.store
+            .update(std::slice::from_ref(&key), &mut |v| {
+                let Some(bytes) = &v[0] else { return vec![] };
+                match decode::<CardRecord>("card", bytes) {
+                    Ok(mut rec) if rec.ended_at == 0 => {
+                        rec.ended_at = now_s;
+                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))]
+                    }
+                    Ok(_) => vec![],
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        result
+    }
+
+    /// Deletes one card and tombstones its number. False if it was not
+    /// there any more.
+    async fn purge_card(&self, id: &CardId, now: OffsetDateTime) -> Result<bool, VaultError> {
+        let Some(bytes) = self.store.get(&card_key(id)).await? else {
+            return Ok(false);
+        };
+        let rec: CardRecord = decode("card", &bytes)?;
+        let card = rec.card()?;
+        let token = self
+            .keys
+            .open_token(id.as_str(), &rec.sealed()?)
+            .map_err(|e| VaultError::Internal(format!("purging card {id}: {e}")))?;
+        let mut keys = vec![card_key(id)];
+        for v in self.keys.index_versions() {
+            let idx = self
+                .keys
+                .pan_index(v, &token)
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
+            keys.push(pan_key(v, &idx));
+        }
+        let until = (now + self.config.quarantine).unix_timestamp();
+        let tombstone = [TOMBSTONE, &until.to_be_bytes()].concat();
+        let owner_entry = owner_key(&card.owner, card.created_at, id);
+        let mut purged = false;
+        self.store
+            .update(&keys, &mut |v| {
+                purged = v[0].is_some();
+                if !purged {
+                    return vec![];
+                }
+                let mut w = vec![
+                    Write::Delete(keys[0].clone()),
+                    Write::Delete(owner_entry.clone()),
+                ];
+                for (k, value) in keys[1..].iter().zip(&v[1..]) {
+                    if value.as_deref() == Some(id.as_str().as_bytes()) {
+                        w.push(Write::Put(k.clone(), tombstone.clone()));
+                    }
+                }
+                w
+            })
+            .await?;
+        if purged {
+            tracing::info!(card_id = %id, pan = %token.masked(), state = card_state(card.state), "card purged after retention");
+        }
+        Ok(purged)
+    }
+}
+
+fn card_state(s: CardState) -> &'static str {
+    s.as_str()
+}
