@@ -39,6 +39,29 @@ const STRIPES: usize = 4096;
 /// Free space the data directory's filesystem needs before a broken store
 /// tries to reopen (sled writes its log in segments of this order).
 const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
+/// A file of reserved space beside the database. When the disk fills, it is
+/// deleted, so sled has room for the small writes its reads need (a page
+/// consolidation) and for reopening: reads keep working while client
+/// writes are refused. It is made again once space returns.
+const RESERVE_FILE: &str = "vcn-reserve";
+/// The reserve's size: this, or an eighth of the free space when less.
+const RESERVE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Makes sure the reserve file exists, allocated (not sparse).
+fn ensure_reserve(dir: &Path) {
+    use fs2::FileExt;
+    let path = dir.join(RESERVE_FILE);
+    if path.exists() {
+        return;
+    }
+    let size = RESERVE_BYTES.min(fs2::available_space(dir).unwrap_or(0) / 8);
+    let made =
+        std::fs::File::create(&path).and_then(|f| f.allocate(size).and_then(|_| f.sync_all()));
+    if let Err(e) = made {
+        tracing::warn!(error = %e, "could not reserve space beside the vault");
+        let _ = std::fs::remove_file(&path);
+    }
+}
 /// How often a broken store may try to reopen.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
@@ -238,6 +261,7 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
         let engine = Engine::open(dir, options)?;
+        ensure_reserve(dir);
         Ok(SledStore {
             dir: dir.to_path_buf(),
             options: options.clone(),
@@ -287,8 +311,28 @@ impl SledStore {
     fn mark_broken(&self, e: &StoreError) {
         if !self.broken.swap(true, Ordering::SeqCst) {
             tracing::error!(error = %e, dir = %self.dir.display(), "vault writes failed: refusing writes until the data directory can take them again");
+            // Give sled the reserved room for its reads and a reopen.
+            let _ = std::fs::remove_file(self.dir.join(RESERVE_FILE));
         }
         *self.broken_reason.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+    }
+
+    /// The error a write gets while the store is broken.
+    fn refusal(&self) -> StoreError {
+        let reason = self
+            .broken_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        StoreError::Unavailable(format!(
+            "writes are refused until the vault can write again (reads still work): {reason}"
+        ))
+    }
+
+    /// Marks the store broken after `e` and returns the refusal to give.
+    fn broke(&self, e: StoreError) -> StoreError {
+        self.mark_broken(&e);
+        self.refusal()
     }
 
     /// When broken: refuses the write, unless the filesystem has room again
@@ -297,16 +341,7 @@ impl SledStore {
         if !self.broken.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let refuse = || {
-            let reason = self
-                .broken_reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            StoreError::Unavailable(format!(
-                "writes are refused until the vault can write again (reads still work): {reason}"
-            ))
-        };
+        let refuse = || self.refusal();
         {
             let mut last = self.last_reopen.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
@@ -315,15 +350,12 @@ impl SledStore {
             *last = Some(Instant::now());
         }
         let free = fs2::available_space(&self.dir).unwrap_or(0);
-        if free < REOPEN_FREE_BYTES {
+        if free < REOPEN_FREE_BYTES + RESERVE_BYTES.min(free / 8) {
             return Err(refuse());
         }
-        let mut slot = self.engine.write().unwrap_or_else(|e| e.into_inner());
-        // Drop the failed engine first: sled holds its file lock until then.
-        drop(slot.take());
-        match Engine::open(&self.dir, &self.options) {
-            Ok(engine) => {
-                *slot = Some(Arc::new(engine));
+        match self.reopen() {
+            Ok(()) => {
+                ensure_reserve(&self.dir);
                 self.broken.store(false, Ordering::SeqCst);
                 tracing::info!(dir = %self.dir.display(), free, "vault reopened: taking writes again");
                 Ok(())
@@ -332,6 +364,40 @@ impl SledStore {
                 tracing::error!(error = %e, "vault could not be reopened");
                 Err(refuse())
             }
+        }
+    }
+
+    /// Replaces the engine with a freshly opened one: sled recovers to its
+    /// last durable state and forgets its write error.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.engine.write().unwrap_or_else(|e| e.into_inner());
+        // Drop the failed engine first: sled holds its file lock until then.
+        drop(slot.take());
+        let engine = Engine::open(&self.dir, &self.options).map_err(|e| match e {
+            StoreError::Unavailable(m) if m.contains("in use") => StoreError::Unavailable(
+                "the vault is reopening after a write error (calls still in flight hold it): retry in a moment".into(),
+            ),
+            other => other,
+        })?;
+        *slot = Some(Arc::new(engine));
+        Ok(())
+    }
+
+    /// A read, once more on a reopened engine when it failed on a broken
+    /// one: after a write error sled may fail a read that would have had to
+    /// tidy a page (a write), while a freshly opened engine reads from disk.
+    fn read<T>(&self, op: impl Fn(&sled::Db) -> sled::Result<T>) -> Result<T, StoreError> {
+        match op(&self.engine()?.db) {
+            Ok(v) => Ok(v),
+            Err(e) => match io_error(e) {
+                StoreError::Unavailable(reason) => {
+                    self.mark_broken(&StoreError::Unavailable(reason));
+                    tracing::warn!("a read failed on the broken vault: reopening it for reads");
+                    self.reopen()?;
+                    op(&self.engine()?.db).map_err(io_error)
+                }
+                corrupt => Err(corrupt),
+            },
         }
     }
 
@@ -354,7 +420,8 @@ impl SledStore {
             .collect();
         let mut values = Vec::with_capacity(keys.len());
         for k in keys {
-            values.push(engine.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
+            let value = engine.db.get(k).map_err(|e| self.broke(io_error(e)))?;
+            values.push(value.map(|v| v.to_vec()));
         }
         let writes = decide(&values);
         if writes.is_empty() {
@@ -371,9 +438,7 @@ impl SledStore {
             }
         }
         if let Err(e) = engine.db.apply_batch(batch) {
-            let e = io_error(e);
-            self.mark_broken(&e);
-            return Err(e);
+            return Err(self.broke(io_error(e)));
         }
         let ticket = engine.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
         Ok((engine, ticket))
@@ -398,9 +463,9 @@ impl SledStore {
             return Ok(());
         }
         let reason = state.failed.map(|(_, e)| e).unwrap_or_default();
-        let e = StoreError::Unavailable(format!("could not make the write durable: {reason}"));
-        self.mark_broken(&e);
-        Err(e)
+        Err(self.broke(StoreError::Unavailable(format!(
+            "could not make the write durable: {reason}"
+        ))))
     }
 }
 
@@ -478,12 +543,7 @@ fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
 #[async_trait]
 impl Store for SledStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .engine()?
-            .db
-            .get(key)
-            .map_err(io_error)?
-            .map(|v| v.to_vec()))
+        Ok(self.read(|db| db.get(key))?.map(|v| v.to_vec()))
     }
 
     async fn scan(
@@ -492,24 +552,25 @@ impl Store for SledStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let engine = self.engine()?;
-        let mut out = Vec::new();
-        let iter = match after {
-            Some(a) => {
-                let mut start = a.to_vec();
-                start.push(0);
-                engine.db.range(start..)
+        self.read(|db| {
+            let mut out = Vec::new();
+            let iter = match after {
+                Some(a) => {
+                    let mut start = a.to_vec();
+                    start.push(0);
+                    db.range(start..)
+                }
+                None => db.range(prefix.to_vec()..),
+            };
+            for item in iter {
+                let (k, v) = item?;
+                if !k.starts_with(prefix) || out.len() >= limit {
+                    break;
+                }
+                out.push((k.to_vec(), v.to_vec()));
             }
-            None => engine.db.range(prefix.to_vec()..),
-        };
-        for item in iter {
-            let (k, v) = item.map_err(io_error)?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
