@@ -276,9 +276,13 @@ impl Service {
         let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
+            let vault = self.vault.clone();
             async move {
                 shutdown.await;
                 tracing::info!(grace = ?limits.drain_grace, "shutting down: health is NOT_SERVING, still taking calls");
+                // Event streams never finish on their own: end them now
+                // (UNAVAILABLE; clients reconnect with their last cursor).
+                vault.events().stop();
                 stop_watching.abort();
                 set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 tokio::time::sleep(limits.drain_grace).await;

@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 mod disk;
 mod engine;
+mod events;
 mod issue;
 mod limits;
 mod persistence;
