@@ -16,5 +16,7 @@ pub mod clients;
 pub mod config;
 pub mod deadline;
 pub mod domain;
+pub mod metrics;
+pub mod observe;
 pub mod server;
 pub mod vault;

@@ -26,6 +26,8 @@ use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
 
 /// How often the health check asks the storage engine whether it serves.
 const PROBE_EVERY: Duration = Duration::from_millis(1000);
+/// How often cards are counted by state for metrics (a scan of the cards).
+const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the service could not start (or stopped with an error). Each says
 /// what is wrong and, where it can, what to do.
@@ -152,6 +154,8 @@ pub struct Service {
     pub registry: Arc<Registry>,
     /// The limits and drain settings of the configuration.
     limits: Limits,
+    /// Where Prometheus metrics are served over HTTP, if anywhere.
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -206,7 +210,8 @@ impl Service {
                 (load_keys(config, existing, url.describe())?, store)
             }
         };
-        let vault = Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?;
+        let store: Arc<dyn Store> = Arc::new(crate::metrics::Metered(wrap(store)));
+        let vault = Vault::open(store, Arc::new(keys), vault_config, system_clock()).await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -217,6 +222,7 @@ impl Service {
             vault: Arc::new(vault),
             registry: Arc::new(registry),
             limits: Limits::of(config),
+            metrics_listen: config.metrics_listen,
         })
     }
 
@@ -267,6 +273,19 @@ impl Service {
             ),
         );
 
+        let metrics_server = match self.metrics_listen {
+            Some(at) => {
+                let listener = crate::metrics::bind(at)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: at, source })?;
+                Some(tokio::spawn(crate::metrics::serve(listener)))
+            }
+            None => None,
+        };
+        let sampler = tokio::spawn(crate::metrics::sample_vault(
+            self.vault.clone(),
+            SAMPLE_EVERY,
+        ));
         if let Some(addr) = addr {
             tracing::info!(%addr, "vcn serving gRPC");
         }
@@ -293,6 +312,7 @@ impl Service {
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
+            .layer(crate::observe::ObserveLayer)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
@@ -321,6 +341,10 @@ impl Service {
             }
         };
         watcher.abort();
+        sampler.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         // Whatever happened, make what was written durable before exiting.
         let synced = self.vault.sync().await;
         served?;

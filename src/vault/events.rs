@@ -83,7 +83,10 @@ struct Registered(Arc<EventHub>);
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.0.watchers.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.watchers.fetch_sub(1, Ordering::Relaxed) - 1;
+        if let Some(m) = crate::metrics::get() {
+            m.event_watchers.set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -99,7 +102,10 @@ pub async fn watch(
     // Subscribe before the first scan: whatever is committed after the
     // scan starts wakes the loop again.
     let mut notified = hub.notify.subscribe();
-    hub.watchers.fetch_add(1, Ordering::Relaxed);
+    let now = hub.watchers.fetch_add(1, Ordering::Relaxed) + 1;
+    if let Some(m) = crate::metrics::get() {
+        m.event_watchers.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
     let _registered = Registered(hub.clone());
     let mut stopping = hub.stopping.subscribe();
     let prefix = records::event_prefix(&owner);

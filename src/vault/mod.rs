@@ -762,6 +762,11 @@ impl Vault {
             self.events.published(owner);
         }
         if let Ok(o) = &result {
+            if !o.replayed {
+                if let Some(m) = crate::metrics::get() {
+                    m.authorized(o.code);
+                }
+            }
             let pan = req.pan.masked();
             tracing::info!(
                 transaction_id = %req.transaction_id,
@@ -1155,6 +1160,44 @@ impl Vault {
     /// Wakes and ends watchers; see [`EventHub`].
     pub fn events(&self) -> &EventHub {
         &self.events
+    }
+
+    /// How many cards are in each state (a full scan of the cards: for
+    /// metrics, now and then, never on a request path).
+    pub async fn count_cards_by_state(&self) -> Result<Vec<(CardState, u64)>, VaultError> {
+        let states = [
+            CardState::Active,
+            CardState::Paused,
+            CardState::Blocked,
+            CardState::Used,
+            CardState::Closed,
+        ];
+        let mut counts = [0u64; 5];
+        let prefix = b"c/".to_vec();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(&prefix, after.as_deref(), 1000).await?;
+            for (_, value) in &page {
+                let rec: CardRecord = decode("card", value)?;
+                if let Some(n) = rec
+                    .state
+                    .checked_sub(1)
+                    .and_then(|i| counts.get_mut(i as usize))
+                {
+                    *n += 1;
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 1000 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        Ok(states.into_iter().zip(counts).collect())
+    }
+
+    /// The storage engine's size, when it can tell.
+    pub async fn size_bytes(&self) -> Result<Option<u64>, VaultError> {
+        Ok(self.store.size_bytes().await?)
     }
 
     /// Whether the storage engine can serve now (the health check).

@@ -339,7 +339,12 @@ fn flush_loop(db: &sled::Db, commit: &Commit) {
             }
         }
         let target = commit.written.load(Ordering::SeqCst);
-        match db.flush() {
+        let started = Instant::now();
+        let flushed = db.flush();
+        if let Some(m) = crate::metrics::get() {
+            m.flush_duration.observe(started.elapsed().as_secs_f64());
+        }
+        match flushed {
             Ok(_) => {
                 done = target;
                 commit.flushed.send_modify(|f| f.upto = target);
@@ -428,6 +433,10 @@ impl Store for SledStore {
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
         let (engine, ticket) = self.apply(keys, decide)?;
         self.wait_durable(&engine, ticket).await
+    }
+
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(Some(self.engine()?.db.size_on_disk().map_err(io_error)?))
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

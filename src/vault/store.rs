@@ -65,4 +65,10 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// How much room the vault takes, in bytes, when the engine can say
+    /// (for metrics).
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }

@@ -47,10 +47,16 @@ fn store_args(dir: &Path) -> Vec<String> {
 }
 
 pub fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+/// `vcn serve` with more arguments (e.g. `--config`).
+pub fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let port = free_port();
     let log = dir.join("serve.log");
     let child = Command::new(VCN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .args(store_args(dir))
         .current_dir(dir)
         .env("RUST_LOG", "trace")
@@ -561,6 +567,226 @@ fn cli_issues_pays_lists_closes_and_watches_as_a_user_would() {
         .output()
         .unwrap();
     assert_eq!(nowhere.status.code(), Some(3));
+}
+
+/// GET `path` over plain HTTP; the status line and body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An operator's view: Prometheus metrics on their own port, JSON logs with
+/// a request id and the client's name on every RPC, no card number in them.
+#[test]
+fn metrics_and_json_logs_show_an_operator_what_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let metrics_port = free_port();
+    std::fs::write(
+        d.join("vcn.toml"),
+        format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nlog_format = \"json\"\n"),
+    )
+    .unwrap();
+    let server = serve_with(d, &["--config", "vcn.toml"]);
+    let port = server.port;
+    let add = |name: &str, role: &str| {
+        last_line(&vcn(d, port, "", &["client", "add", name, "--role", role]))
+    };
+    let (web, switch) = (add("web", "cards"), add("switch", "switch"));
+    let issue = || {
+        json(&vcn(
+            d,
+            port,
+            &web,
+            &[
+                "card",
+                "issue",
+                "--funding-pan",
+                "4111111111111111",
+                "--owner",
+                "ops",
+                "--limit",
+                "20.00EUR",
+                "--json",
+            ],
+        ))
+    };
+    let (card, other) = (issue(), issue());
+    let pay = |txn: &str, amount: &str| {
+        vcn(
+            d,
+            port,
+            &switch,
+            &[
+                "authorize",
+                "--pan",
+                card["pan"].as_str().unwrap(),
+                "--expiry",
+                card["expiry"].as_str().unwrap(),
+                "--cvv",
+                card["cvv"].as_str().unwrap(),
+                "--amount",
+                amount,
+                "--txn",
+                txn,
+            ],
+        )
+    };
+    assert_eq!(pay("m1", "30.00EUR").status.code(), Some(1));
+    assert!(pay("m2", "5.00EUR").status.success());
+    let paused = vcn(
+        d,
+        port,
+        &web,
+        &["card", "pause", other["card_id"].as_str().unwrap()],
+    );
+    assert!(paused.status.success());
+    let missing = vcn(
+        d,
+        port,
+        &web,
+        &["card", "get", "vc_000000000000000000000000"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+
+    let (status, text) = http_get(metrics_port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_authorizations_total{reason="approved",response_code="00"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_authorizations_total{reason="insufficient_funds",response_code="51"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_rpc_duration_seconds_count{code="OK",method="AuthorizationService/Authorize"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_rpc_duration_seconds_count{code="NOT_FOUND",method="CardService/GetCard"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, r#"vcn_store_update_duration_seconds_count"#).unwrap_or(0.0) >= 5.0,
+        "{text}"
+    );
+    if crate::engine::engine() == crate::engine::Engine::Sled {
+        assert!(
+            sample(&text, "vcn_store_flush_duration_seconds_count").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+    }
+    assert!(
+        sample(&text, "vcn_vault_size_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    assert!(http_get(metrics_port, "/nope").0.contains("404"));
+
+    // Cards by state are counted at start (then every minute).
+    let log_path = server.log.clone();
+    assert!(server.terminate().success());
+    let first_log = std::fs::read_to_string(&log_path).unwrap();
+    let server = serve_with(d, &["--config", "vcn.toml"]);
+    let start = Instant::now();
+    let counted = loop {
+        let (_, text) = http_get(metrics_port, "/metrics");
+        if sample(&text, r#"vcn_cards{state="paused"}"#) == Some(1.0) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cards never counted: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&counted, r#"vcn_cards{state="used"}"#),
+        Some(1.0),
+        "{counted}"
+    );
+    assert_eq!(
+        sample(&counted, r#"vcn_cards{state="closed"}"#),
+        Some(0.0),
+        "{counted}"
+    );
+    drop(server);
+
+    // Every log line is JSON; every RPC has a request id, its method and, once
+    // authenticated, the client's name.
+    let lines: Vec<Value> = first_log
+        .lines()
+        // (the development key notice is printed, not logged)
+        .filter(|l| !l.starts_with("vcn: "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let answered: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "rpc answered")
+        .collect();
+    assert!(answered.len() >= 6, "{first_log}");
+    let mut ids = std::collections::HashSet::new();
+    for l in &answered {
+        let span = &l["span"];
+        assert!(
+            span["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+            "{l}"
+        );
+        assert!(
+            ids.insert(span["request_id"].as_str().unwrap().to_string()),
+            "request ids are unique"
+        );
+    }
+    let authorize = answered
+        .iter()
+        .find(|l| l["span"]["method"] == "AuthorizationService/Authorize")
+        .expect("an Authorize RPC logged");
+    assert_eq!(authorize["span"]["client"], "switch");
+    assert_eq!(authorize["code"], "OK");
+    let decided = lines
+        .iter()
+        .find(|l| l["message"] == "authorisation decided")
+        .expect("the decision logged");
+    assert_eq!(
+        decided["span"]["client"], "switch",
+        "vault logs carry the RPC's span: {decided}"
+    );
+    let pan = card["pan"].as_str().unwrap();
+    assert!(!first_log.contains(pan) && !first_log.contains("4111111111111111"));
 }
 
 /// The README's walk-through, run as written against a real server.

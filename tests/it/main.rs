@@ -12,6 +12,7 @@ mod engine;
 mod events;
 mod issue;
 mod limits;
+mod observe;
 mod persistence;
 mod postgres;
 mod props;
