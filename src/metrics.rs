@@ -255,3 +255,44 @@ impl crate::vault::Store for Metered {
         self.0.size_bytes().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample Grafana dashboard only charts metrics that exist.
+    #[test]
+    fn the_dashboard_charts_real_metrics() {
+        let m = Metrics::new().unwrap();
+        m.rpc_duration
+            .with_label_values(&["AuthorizationService/Authorize", "OK"])
+            .observe(0.001);
+        m.cards.with_label_values(&["active"]).set(1);
+        m.authorized(ResponseCode::Approved);
+        let text = m.render();
+        assert!(
+            text.contains(r#"vcn_authorizations_total{reason="approved",response_code="00"} 1"#)
+        );
+        let dashboard = include_str!("../ops/grafana-dashboard.json");
+        let mut names: Vec<&str> = dashboard
+            .match_indices("vcn_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .filter(|n| *n != "vcn_")
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 6, "{names:?}");
+        for name in names {
+            assert!(
+                text.contains(&format!("\n{name}")) || text.contains(&format!("{name}{{")),
+                "{name} is charted but not exported"
+            );
+        }
+    }
+}
