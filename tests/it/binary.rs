@@ -569,10 +569,23 @@ fn cli_issues_pays_lists_closes_and_watches_as_a_user_would() {
     assert_eq!(nowhere.status.code(), Some(3));
 }
 
-/// GET `path` over plain HTTP; the status line and body.
+/// GET `path` over plain HTTP; the status line and body. Waits a little
+/// for the port (the metrics listener opens just after the gRPC one).
 fn http_get(port: u16, path: &str) -> (String, String) {
     use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let start = Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "metrics port: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
