@@ -76,6 +76,20 @@ pub struct Config {
     pub drain_grace_ms: u64,
     /// Then: how long calls in flight get to finish before the server stops.
     pub drain_timeout_ms: u64,
+    /// Where Prometheus metrics are served over plain HTTP
+    /// (`GET /metrics`), e.g. "127.0.0.1:9464". Unset: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log lines as "text" (for people) or "json" (one object per line, for
+    /// collectors). RUST_LOG picks the level (default info).
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -104,6 +118,8 @@ impl Default for Config {
             max_concurrent_requests: 2048,
             drain_grace_ms: 500,
             drain_timeout_ms: 10_000,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -18,5 +18,7 @@ pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod installation;
+pub mod metrics;
+pub mod observe;
 pub mod server;
 pub mod vault;

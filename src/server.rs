@@ -29,6 +29,8 @@ use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
 
 /// How often the health check asks the storage engine whether it serves.
 const PROBE_EVERY: Duration = Duration::from_millis(1000);
+/// How often cards are counted by state for metrics (a scan of the cards).
+const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the service could not start (or stopped with an error). Each says
 /// what is wrong and, where it can, what to do.
@@ -167,6 +169,8 @@ pub struct Service {
     pub registry: Arc<Registry>,
     /// The limits and drain settings of the configuration.
     limits: Limits,
+    /// Where Prometheus metrics are served over HTTP, if anywhere.
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -237,7 +241,8 @@ impl Service {
             }
         };
         let check_value = keys.current().check_value().to_string();
-        let vault = Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?;
+        let store: Arc<dyn Store> = Arc::new(crate::metrics::Metered(wrap(store)));
+        let vault = Vault::open(store, Arc::new(keys), vault_config, system_clock()).await?;
         if !existing {
             installation::record(&config.keys_dir, &describe, &check_value)?;
         }
@@ -251,6 +256,7 @@ impl Service {
             vault: Arc::new(vault),
             registry: Arc::new(registry),
             limits: Limits::of(config),
+            metrics_listen: config.metrics_listen,
         })
     }
 
@@ -306,6 +312,19 @@ impl Service {
             ),
         );
 
+        let metrics_server = match self.metrics_listen {
+            Some(at) => {
+                let listener = crate::metrics::bind(at)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: at, source })?;
+                Some(tokio::spawn(crate::metrics::serve(listener)))
+            }
+            None => None,
+        };
+        let sampler = tokio::spawn(crate::metrics::sample_vault(
+            self.vault.clone(),
+            SAMPLE_EVERY,
+        ));
         if let Some(addr) = addr {
             tracing::info!(%addr, "vcn serving gRPC");
         }
@@ -318,9 +337,13 @@ impl Service {
         let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
+            let vault = self.vault.clone();
             async move {
                 shutdown.await;
                 tracing::info!(grace = ?limits.drain_grace, "shutting down: health is NOT_SERVING, still taking calls");
+                // Event streams never finish on their own: end them now
+                // (UNAVAILABLE; clients reconnect with their last cursor).
+                vault.events().stop();
                 stop_watching.abort();
                 set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 tokio::time::sleep(limits.drain_grace).await;
@@ -331,6 +354,7 @@ impl Service {
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
+            .layer(crate::observe::ObserveLayer)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
@@ -362,6 +386,10 @@ impl Service {
         watcher.abort();
         if let Some(p) = &purger {
             p.abort();
+        }
+        sampler.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
         }
         // Whatever happened, make what was written durable before exiting.
         let synced = self.vault.sync().await;

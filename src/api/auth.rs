@@ -56,6 +56,8 @@ impl tonic::service::Interceptor for Authenticator {
             tracing::warn!(%peer, service = self.service, "call with an unknown API key refused");
             return Err(Status::unauthenticated("unknown API key"));
         };
+        // The RPC's span (crate::observe) names the client from here on.
+        tracing::Span::current().record("client", client.name.as_str());
         if !self.allowed.contains(&client.role) {
             tracing::warn!(%peer, client = %client.name, role = client.role.as_str(), service = self.service, "call refused: wrong role");
             let roles: Vec<_> = self.allowed.iter().map(|r| r.as_str()).collect();

@@ -28,8 +28,34 @@ fn card_id(s: &str) -> Result<CardId, Status> {
     CardId::parse("card_id", s).map_err(Status::from)
 }
 
+type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::CardEvent, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl CardService for CardApi {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let client = caller(&req)?;
+        let r = req.get_ref();
+        let owner = resolve_owner(&client, &r.owner)?;
+        let after = convert::parse_cursor("after_cursor", &r.after_cursor)?;
+        tracing::info!(owner = %owner, after, client = %client.name, "watching events");
+        let rx = self.vault.watch(owner, after);
+        let stream =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |d| {
+                match d {
+                    Ok((seq, e)) => Ok(convert::event(seq, &e)),
+                    Err(e) => Err(Status::from(e)),
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn issue_card(
         &self,
         req: Request<pb::IssueCardRequest>,

@@ -10,6 +10,7 @@ use crate::domain::text::parse_ident;
 use crate::domain::{
     Card, CardState, Cvv, Expiry, FieldError, Mcc, MerchantId, Money, Owner, Pan, PanError,
 };
+use crate::vault::records::{state_from_code, EventKind, EventRecord};
 use crate::vault::{AuthorizeRequest, IssueRequest, Presented, ReverseRequest};
 
 /// Longest transaction, reversal and idempotency id accepted.
@@ -143,6 +144,70 @@ pub fn state(s: CardState) -> pb::CardState {
         CardState::Blocked => pb::CardState::Blocked,
         CardState::Used => pb::CardState::Used,
         CardState::Closed => pb::CardState::Closed,
+    }
+}
+
+/// An event's cursor: opaque to clients (today the owner's sequence
+/// number, in hex).
+pub fn event_cursor(seq: u64) -> String {
+    format!("{seq:016x}")
+}
+
+/// The sequence number an `after_cursor` names; empty: 0 (from the first).
+pub fn parse_cursor(field: &str, s: &str) -> Result<u64, FieldError> {
+    if s.is_empty() {
+        return Ok(0);
+    }
+    if s.len() != 16 {
+        return Err(FieldError::new(
+            field,
+            "is not a cursor returned by WatchEvents",
+        ));
+    }
+    u64::from_str_radix(s, 16)
+        .map_err(|_| FieldError::new(field, "is not a cursor returned by WatchEvents"))
+}
+
+pub fn event(seq: u64, e: &EventRecord) -> pb::CardEvent {
+    use pb::CardEventType as T;
+    let kind = match e.kind() {
+        Some(EventKind::Issued) => T::Issued,
+        Some(EventKind::Authorized) => T::Authorized,
+        Some(EventKind::Reversed) => T::Reversed,
+        Some(EventKind::Paused) => T::Paused,
+        Some(EventKind::Resumed) => T::Resumed,
+        Some(EventKind::Blocked) => T::Blocked,
+        Some(EventKind::Used) => T::Used,
+        Some(EventKind::Closed) => T::Closed,
+        Some(EventKind::Expired) => T::Expired,
+        Some(EventKind::LimitsChanged) => T::LimitsChanged,
+        None => T::Unspecified,
+    };
+    let money = |n: i64, c: &str| pb::Money {
+        amount_minor: n,
+        currency: c.to_string(),
+    };
+    pb::CardEvent {
+        cursor: event_cursor(seq),
+        r#type: kind as i32,
+        card_id: e.card_id.clone(),
+        owner: e.owner.clone(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: e.occurred_at,
+            nanos: 0,
+        }),
+        masked_pan: e.masked_pan.clone(),
+        state: state_from_code(e.state)
+            .map(|s| state(s) as i32)
+            .unwrap_or_default(),
+        remaining: Some(money(e.remaining, &e.currency)),
+        amount: e.amount.map(|n| money(n, &e.amount_currency)),
+        transaction_id: e.transaction_id.clone(),
+        approved: e.approved,
+        response_code: e.response_code.clone(),
+        decline_reason: e.reason.clone(),
+        merchant_id: e.merchant_id.clone(),
+        mcc: e.mcc.clone(),
     }
 }
 

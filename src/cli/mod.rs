@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::clients::{self, Role};
-use crate::config::{Config, StoreUrl};
+use crate::config::{Config, LogFormat, StoreUrl};
 use crate::server;
 use crate::vault::keyfile;
 use crate::vault::postgres_store::PostgresStore;
@@ -119,13 +119,16 @@ enum ClientCommand {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -145,11 +148,11 @@ pub fn main() -> ExitCode {
             config,
             new_vault,
         } => {
-            init_logging();
             let mut cfg = match load_config(config, store) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            init_logging(cfg.log_format);
             if let Some(l) = listen {
                 cfg.listen = l;
             }
@@ -173,11 +176,11 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Migrate { store, config } => {
-            init_logging();
             let cfg = match load_config(config, store) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            init_logging(cfg.log_format);
             let Some(url) = cfg.store.clone() else {
                 return fail(
                     EXIT_USAGE,

@@ -99,6 +99,24 @@ pub enum RemoteCommand {
         #[arg(long)]
         pan: String,
     },
+    /// Print an owner's card events as they happen (needs a cards key):
+    /// first those stored after --after, then new ones. Reconnects with
+    /// the last cursor if the connection drops. With --json, one JSON
+    /// object per line.
+    Watch {
+        #[command(flatten)]
+        conn: Connection,
+        /// Whose cards [default: the key's own owner, for a pinned key].
+        #[arg(long, default_value = "")]
+        owner: String,
+        /// The cursor of the last event already seen [default: from the
+        /// first event].
+        #[arg(long, default_value = "")]
+        after: String,
+        /// Exit after this many events [default: never].
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,18 +190,77 @@ pub enum CardCommand {
 /// A failure to report: its exit code and sentence.
 struct Failure(u8, String);
 
+/// The canonical name of a gRPC status code, as in the gRPC spec.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Whether a status means the service could not do the work (exit 3),
+/// rather than refusing this request (exit 2).
+fn is_service_failure(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::Unknown
+            | Code::ResourceExhausted
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::DataLoss
+    )
+}
+
+/// A status as a sentence a person can act on, ending with the gRPC code.
+fn sentence(s: &Status) -> String {
+    let lead = match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => "the request was refused",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "this API key may not do that",
+        Code::Unauthenticated => "the API key was not accepted",
+        Code::FailedPrecondition => "that cannot be done now",
+        Code::ResourceExhausted => "the service is busy or the request too large",
+        Code::Unavailable => "the service is unavailable",
+        Code::DeadlineExceeded => "the service did not answer in time",
+        Code::Unimplemented => "the service does not offer this call (an older version?)",
+        _ => "the call failed",
+    };
+    let message = s.message().trim();
+    let message = if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    };
+    format!("{lead}{message} (gRPC {})", code_name(s.code()))
+}
+
 impl From<Status> for Failure {
     fn from(s: Status) -> Failure {
-        let code = match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown => {
-                EXIT_UNAVAILABLE
-            }
-            _ => EXIT_USAGE,
+        let code = if is_service_failure(s.code()) {
+            EXIT_UNAVAILABLE
+        } else {
+            EXIT_USAGE
         };
-        Failure(
-            code,
-            format!("the service said {:?}: {}", s.code(), s.message()),
-        )
+        Failure(code, sentence(&s))
     }
 }
 
@@ -194,6 +271,14 @@ fn usage(msg: impl Into<String>) -> Failure {
 type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 
 async fn connect(conn: &Connection) -> Result<InterceptedService<Channel, Auth>, Failure> {
+    connect_with(conn, Some(std::time::Duration::from_secs(30))).await
+}
+
+/// `timeout`: how long one call may take (None for a stream that lasts).
+async fn connect_with(
+    conn: &Connection,
+    timeout: Option<std::time::Duration>,
+) -> Result<InterceptedService<Channel, Auth>, Failure> {
     let key = std::env::var("VCN_API_KEY").map_err(|_| {
         usage("set VCN_API_KEY to the client's API key (vcn client add prints one)")
     })?;
@@ -207,8 +292,11 @@ async fn connect(conn: &Connection) -> Result<InterceptedService<Channel, Auth>,
                 conn.server
             ))
         })?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30));
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let endpoint = match timeout {
+        Some(t) => endpoint.timeout(t),
+        None => endpoint,
+    };
     let channel = endpoint.connect().await.map_err(|e| {
         Failure(
             EXIT_UNAVAILABLE,
@@ -236,9 +324,17 @@ fn show_money(m: Option<&pb::Money>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// Money for scripts: the exact minor units and currency, and the amount
+/// as a person reads it ("12.50 EUR", "1000 JPY", "1.500 BHD").
 fn money_json(m: Option<&pb::Money>) -> Value {
-    m.map(|m| json!({"amount_minor": m.amount_minor, "currency": m.currency}))
-        .unwrap_or(Value::Null)
+    m.map(|m| {
+        json!({
+            "amount_minor": m.amount_minor,
+            "currency": m.currency,
+            "text": show_money(Some(m)),
+        })
+    })
+    .unwrap_or(Value::Null)
 }
 
 fn time_text(t: Option<&prost_types::Timestamp>) -> String {
@@ -527,6 +623,12 @@ async fn execute(cmd: RemoteCommand) -> Result<ExitCode, Failure> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        RemoteCommand::Watch {
+            conn,
+            owner,
+            after,
+            count,
+        } => watch(&conn, owner, after, count).await,
         RemoteCommand::Detokenize { conn, pan } => {
             let req = pb::DetokenizeRequest {
                 pan: read_secret(&pan, "card number")?,
@@ -650,4 +752,191 @@ async fn card(conn: &Connection, command: CardCommand) -> Result<ExitCode, Failu
     .into_inner();
     print(conn.json, card_json(&card), card_text(&card));
     Ok(ExitCode::SUCCESS)
+}
+
+fn event_kind(t: i32) -> &'static str {
+    use pb::CardEventType as T;
+    match T::try_from(t).unwrap_or(T::Unspecified) {
+        T::Issued => "issued",
+        T::Authorized => "authorized",
+        T::Reversed => "reversed",
+        T::Paused => "paused",
+        T::Resumed => "resumed",
+        T::Blocked => "blocked",
+        T::Used => "used",
+        T::Closed => "closed",
+        T::Expired => "expired",
+        T::LimitsChanged => "limits_changed",
+        T::Unspecified => "unknown",
+    }
+}
+
+fn event_json(e: &pb::CardEvent) -> Value {
+    let mut v = json!({
+        "cursor": e.cursor,
+        "type": event_kind(e.r#type),
+        "card_id": e.card_id,
+        "owner": e.owner,
+        "occurred_at": time_text(e.occurred_at.as_ref()),
+        "masked_pan": e.masked_pan,
+        "state": state_word(e.state),
+        "remaining": money_json(e.remaining.as_ref()),
+    });
+    if e.amount.is_some() {
+        v["amount"] = money_json(e.amount.as_ref());
+        v["transaction_id"] = json!(e.transaction_id);
+    }
+    if event_kind(e.r#type) == "authorized" {
+        v["approved"] = json!(e.approved);
+        v["response_code"] = json!(e.response_code);
+        v["decline_reason"] = json!(e.decline_reason);
+        v["merchant_id"] = json!(e.merchant_id);
+        v["mcc"] = json!(e.mcc);
+    }
+    v
+}
+
+/// One line per event: when, what, which card, and the detail that matters.
+fn event_text(e: &pb::CardEvent) -> String {
+    let kind = event_kind(e.r#type);
+    let detail = match kind {
+        "authorized" => {
+            let verdict = if e.approved { "APPROVED" } else { "DECLINED" };
+            let at = if e.merchant_id.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", e.merchant_id)
+            };
+            format!(
+                "{} {verdict} {} ({}){at}",
+                show_money(e.amount.as_ref()),
+                e.response_code,
+                e.decline_reason
+            )
+        }
+        "reversed" => format!("{} given back", show_money(e.amount.as_ref())),
+        _ => format!("now {}", state_word(e.state)),
+    };
+    format!(
+        "{}  {:<14} {:<36} {:<18} {}; remaining {}  [cursor {}]",
+        time_text(e.occurred_at.as_ref()),
+        kind.to_uppercase(),
+        e.card_id,
+        e.masked_pan,
+        detail,
+        show_money(e.remaining.as_ref()),
+        e.cursor
+    )
+}
+
+/// How long `vcn watch` keeps trying to reconnect after losing the service.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn watch(
+    conn: &Connection,
+    owner: String,
+    mut after: String,
+    count: Option<u64>,
+) -> Result<ExitCode, Failure> {
+    let mut seen = 0u64;
+    let mut lost_since: Option<std::time::Instant> = None;
+    // Never reached: say so at once (exit 3) rather than wait.
+    let mut connected = false;
+    loop {
+        if count.is_some_and(|c| seen >= c) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let attempt = async {
+            let mut client = CardServiceClient::new(connect_with(conn, None).await?);
+            let stream = client
+                .watch_events(pb::WatchEventsRequest {
+                    owner: owner.clone(),
+                    after_cursor: after.clone(),
+                })
+                .await?;
+            Ok::<_, Failure>(stream.into_inner())
+        };
+        let failure = match attempt.await {
+            Ok(mut stream) => {
+                lost_since = None;
+                connected = true;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(e)) => {
+                            if conn.json {
+                                println!("{}", event_json(&e));
+                            } else {
+                                println!("{}", event_text(&e));
+                            }
+                            after = e.cursor.clone();
+                            seen += 1;
+                            if count.is_some_and(|c| seen >= c) {
+                                return Ok(ExitCode::SUCCESS);
+                            }
+                        }
+                        Ok(None) => {
+                            break Failure(EXIT_UNAVAILABLE, "the service ended the stream".into())
+                        }
+                        Err(s) => break Failure::from(s),
+                    }
+                }
+            }
+            Err(f) => f,
+        };
+        // Refused requests end here; a lost service is retried for a while
+        // from the last cursor, so nothing is missed or shown twice.
+        if failure.0 != EXIT_UNAVAILABLE {
+            return Err(failure);
+        }
+        let since = *lost_since.get_or_insert_with(std::time::Instant::now);
+        if !connected || since.elapsed() > RECONNECT_FOR {
+            return Err(failure);
+        }
+        eprintln!("vcn: {}; reconnecting after cursor {after:?}", failure.1);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(n: i64, c: &str) -> pb::Money {
+        pb::Money {
+            amount_minor: n,
+            currency: c.into(),
+        }
+    }
+
+    #[test]
+    fn amounts_show_each_currency_with_its_own_minor_units() {
+        assert_eq!(show_money(Some(&m(1250, "EUR"))), "12.50 EUR");
+        assert_eq!(show_money(Some(&m(1000, "JPY"))), "1000 JPY");
+        assert_eq!(show_money(Some(&m(1500, "BHD"))), "1.500 BHD");
+        assert_eq!(show_money(Some(&m(5, "BHD"))), "0.005 BHD");
+        assert_eq!(show_money(None), "-");
+        assert_eq!(money_json(Some(&m(1500, "BHD")))["text"], "1.500 BHD");
+        let parsed = money("limit", "1.5BHD").ok().map(|p| p.amount_minor);
+        assert_eq!(parsed, Some(1500));
+        assert!(money("limit", "1.5JPY").is_err());
+    }
+
+    #[test]
+    fn errors_are_sentences_with_the_grpc_code_and_the_right_exit_code() {
+        let f = Failure::from(Status::permission_denied("client web has role cards"));
+        assert_eq!(f.0, EXIT_USAGE);
+        assert_eq!(
+            f.1,
+            "this API key may not do that: client web has role cards (gRPC PERMISSION_DENIED)"
+        );
+        let f = Failure::from(Status::not_found("card vc_1 not found"));
+        assert_eq!((f.0, f.1.ends_with("(gRPC NOT_FOUND)")), (EXIT_USAGE, true));
+        let f = Failure::from(Status::unavailable("storage unavailable: disk full"));
+        assert_eq!(f.0, EXIT_UNAVAILABLE);
+        assert!(f.1.starts_with("the service is unavailable: storage"));
+        assert_eq!(
+            Failure::from(Status::resource_exhausted("busy")).0,
+            EXIT_UNAVAILABLE
+        );
+    }
 }

@@ -69,6 +69,14 @@ impl Store for ChaosStore {
         self.inner.sync().await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.size_bytes().await
+    }
+
     async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
         self.inner.export(sink).await
     }

@@ -5,6 +5,7 @@
 
 pub mod chaos;
 pub mod crypto;
+pub mod events;
 pub mod keyfile;
 pub mod postgres_store;
 pub mod purge;
@@ -24,9 +25,11 @@ use crate::domain::{
     Pan,
 };
 use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
+use crate::vault::events::{Delivered, EventHub};
 use crate::vault::records::{
-    card_key, decode, funding_key, idempotency_key, owner_key, owner_prefix, pan_key, reversal_key,
-    txn_key, CardRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
+    append_events, card_key, decode, event_seq_key, funding_key, idempotency_key, owner_key,
+    owner_prefix, pan_key, reversal_key, txn_key, CardRecord, EventKind, EventRecord,
+    IdempotencyRecord, ReversalRecord, TxnRecord,
 };
 pub use crate::vault::store::{Store, StoreError, Write};
 
@@ -226,6 +229,7 @@ pub struct Vault {
     keys: Arc<Keyring>,
     config: VaultConfig,
     clock: Clock,
+    events: Arc<EventHub>,
 }
 
 impl Vault {
@@ -243,6 +247,7 @@ impl Vault {
             keys,
             config,
             clock,
+            events: Arc::new(EventHub::default()),
         };
         vault.check_keys().await?;
         Ok(vault)
@@ -487,9 +492,13 @@ impl Vault {
 
             let mut keys = vec![pan_key(version, &idx), funding_key(version, &idx)];
             keys.extend(idem_key.clone());
+            let seq_at = keys.len();
+            keys.push(event_seq_key(&card.owner));
+            let issued_event = EventRecord::of(EventKind::Issued, &card, now);
             enum Outcome {
                 Collision,
                 IdempotencyRace(Vec<u8>),
+                Failed(VaultError),
                 Created,
             }
             let mut outcome = Outcome::Collision;
@@ -499,10 +508,21 @@ impl Vault {
                         outcome = Outcome::Collision;
                         return vec![];
                     }
-                    if let Some(Some(existing)) = v.get(2) {
+                    if let (Some(_), Some(Some(existing))) = (&idem_key, v.get(2)) {
                         outcome = Outcome::IdempotencyRace(existing.clone());
                         return vec![];
                     }
+                    let events = match append_events(
+                        &card.owner,
+                        v[seq_at].as_deref(),
+                        vec![issued_event.clone()],
+                    ) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            outcome = Outcome::Failed(e);
+                            return vec![];
+                        }
+                    };
                     outcome = Outcome::Created;
                     let mut w = vec![
                         Write::Put(card_key(&id), record.clone()),
@@ -517,17 +537,20 @@ impl Vault {
                         };
                         w.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&rec)));
                     }
+                    w.extend(events);
                     w
                 })
                 .await?;
             match outcome {
                 Outcome::Collision => continue,
+                Outcome::Failed(e) => return Err(e),
                 Outcome::IdempotencyRace(existing) => {
                     return self
                         .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
                         .await
                 }
                 Outcome::Created => {
+                    self.events.published(&card.owner);
                     let cvv = self.keys.cvv(&pan, expiry);
                     tracing::info!(card_id = %id, pan = %card.masked_pan, owner = %card.owner, "card issued");
                     return Ok(IssuedCard {
@@ -597,14 +620,25 @@ impl Vault {
         id: &CardId,
         scope: Scope<'_>,
         action: &'static str,
+        kind: EventKind,
         change: &(dyn Fn(&mut Card) -> Result<(), ChangeError> + Sync),
     ) -> Result<Card, VaultError> {
         let key = card_key(id);
+        // A card's owner never changes: read it first, to lock the owner's
+        // event sequence with the card.
+        let owner = self.load(id).await?.card()?.owner;
+        if !scope.allows(&owner) {
+            return Err(VaultError::NotFound(format!("card {id}")));
+        }
+        let keys = [key.clone(), event_seq_key(&owner)];
+        let now = self.now();
         let mut result: Result<Card, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
+        let mut published = false;
         self.store
-            .update(std::slice::from_ref(&key), &mut |v| {
-                let step = || -> Result<(Card, Vec<Write>), VaultError> {
+            .update(&keys, &mut |v| {
+                published = false;
+                let mut step = || -> Result<(Card, Vec<Write>), VaultError> {
                     let bytes = v[0]
                         .as_ref()
                         .ok_or_else(|| VaultError::NotFound(format!("card {id}")))?;
@@ -619,10 +653,15 @@ impl Vault {
                         return Ok((card, vec![]));
                     }
                     rec.set_card(&card);
-                    Ok((
-                        card,
-                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))],
-                    ))
+                    let mut writes =
+                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))];
+                    writes.extend(append_events(
+                        &card.owner,
+                        v[1].as_deref(),
+                        vec![EventRecord::of(kind, &card, now)],
+                    )?);
+                    published = true;
+                    Ok((card, writes))
                 };
                 match step() {
                     Ok((card, writes)) => {
@@ -637,21 +676,27 @@ impl Vault {
             })
             .await?;
         if let Ok(card) = &result {
+            if published {
+                self.events.published(&card.owner);
+            }
             tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed");
         }
         result
     }
 
     pub async fn pause(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "pause", &Card::pause).await
+        self.modify(id, scope, "pause", EventKind::Paused, &Card::pause)
+            .await
     }
 
     pub async fn resume(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "resume", &Card::resume).await
+        self.modify(id, scope, "resume", EventKind::Resumed, &Card::resume)
+            .await
     }
 
     pub async fn close(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "close", &Card::close).await
+        self.modify(id, scope, "close", EventKind::Closed, &Card::close)
+            .await
     }
 
     pub async fn update_limits(
@@ -661,9 +706,13 @@ impl Vault {
         spend_limit: Option<Money>,
         per_transaction_limit: Option<Option<Money>>,
     ) -> Result<Card, VaultError> {
-        self.modify(id, scope, "update limits", &move |c: &mut Card| {
-            c.update_limits(spend_limit, per_transaction_limit)
-        })
+        self.modify(
+            id,
+            scope,
+            "update limits",
+            EventKind::LimitsChanged,
+            &move |c: &mut Card| c.update_limits(spend_limit, per_transaction_limit),
+        )
         .await
     }
 
@@ -698,6 +747,14 @@ impl Vault {
         let tkey = txn_key(&req.transaction_id);
         let mut keys = vec![tkey.clone()];
         keys.extend(card_id.as_ref().map(card_key));
+        // The card's owner (which never changes), to lock the owner's event
+        // sequence with the card: one more key, the owner's own.
+        let owner = match &card_id {
+            Some(id) => Some(self.load(id).await?.card()?.owner),
+            None => None,
+        };
+        keys.extend(owner.as_ref().map(event_seq_key));
+        let mut published = false;
 
         let mut result: Result<AuthorizeOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
@@ -711,6 +768,8 @@ impl Vault {
                 v,
             ) {
                 Ok((outcome, writes)) => {
+                    // An unknown number writes its transaction only.
+                    published = owner.is_some() && writes.len() > 1;
                     result = Ok(outcome);
                     writes
                 }
@@ -720,7 +779,15 @@ impl Vault {
                 }
             })
             .await?;
+        if let (true, Some(owner), Ok(_)) = (published, &owner, &result) {
+            self.events.published(owner);
+        }
         if let Ok(o) = &result {
+            if !o.replayed {
+                if let Some(m) = crate::metrics::get() {
+                    m.authorized(o.code);
+                }
+            }
             let pan = req.pan.masked();
             tracing::info!(
                 transaction_id = %req.transaction_id,
@@ -849,6 +916,31 @@ impl Vault {
             None
         };
         let remaining = card.remaining();
+        let mut events = vec![{
+            let mut e = EventRecord::of(EventKind::Authorized, &card, now).with_amount(req.amount);
+            e.transaction_id = req.transaction_id.clone();
+            e.approved = code.is_approved();
+            e.response_code = code.code().to_string();
+            e.reason = code.reason().to_string();
+            e.merchant_id = req
+                .merchant_id
+                .as_ref()
+                .map(|m| m.as_str().to_string())
+                .unwrap_or_default();
+            e.mcc = req.mcc.map(|m| m.to_string()).unwrap_or_default();
+            e
+        }];
+        if card.state != before.state {
+            match card.state {
+                CardState::Blocked => events.push(EventRecord::of(EventKind::Blocked, &card, now)),
+                CardState::Used => events.push(EventRecord::of(EventKind::Used, &card, now)),
+                _ => {}
+            }
+        }
+        let announce_expiry = code == ResponseCode::Expired && !rec.expiry_announced;
+        if announce_expiry {
+            events.push(EventRecord::of(EventKind::Expired, &card, now));
+        }
         txn.card_id = id.as_str().to_string();
         txn.reason = code.reason().to_string();
         txn.remaining = Some(remaining.amount_minor());
@@ -859,13 +951,19 @@ impl Vault {
             txn_key(&req.transaction_id),
             prost::Message::encode_to_vec(&txn),
         )];
-        if card != before {
+        if card != before || announce_expiry {
             rec.set_card(&card);
+            rec.expiry_announced |= announce_expiry;
             writes.push(Write::Put(
                 card_key(id),
                 prost::Message::encode_to_vec(&rec),
             ));
         }
+        writes.extend(append_events(
+            &card.owner,
+            v.get(2).and_then(|s| s.as_deref()),
+            events,
+        )?);
         Ok((
             AuthorizeOutcome {
                 code,
@@ -909,12 +1007,21 @@ impl Vault {
         );
         let rkey = req.reversal_id.as_deref().map(reversal_key);
         keys.extend(rkey.clone());
+        let owner = match &card_id {
+            Some(id) => Some(self.load(id).await?.card()?.owner),
+            None => None,
+        };
+        let seq_at = keys.len();
+        keys.extend(owner.as_ref().map(event_seq_key));
+        let now = self.now();
+        let mut published = false;
 
         let mut result: Result<ReverseOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
         self.store
             .update(&keys, &mut |v| {
-                let step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
+                published = false;
+                let mut step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
                     if let (Some(Some(prev)), Some(_)) = (v.get(2), &rkey) {
                         let r: ReversalRecord = decode("reversal", prev)?;
                         if r.fingerprint != fingerprint {
@@ -993,6 +1100,18 @@ impl Vault {
                             tkey.clone(),
                             prost::Message::encode_to_vec(&txn),
                         ));
+                        let mut event = EventRecord::of(EventKind::Reversed, &card, now)
+                            .with_amount(Money::new(
+                                txn.reversed - (txn.amount - left),
+                                card.policy.spend_limit.currency(),
+                            ));
+                        event.transaction_id = req.transaction_id.clone();
+                        writes.extend(append_events(
+                            &card.owner,
+                            v.get(seq_at).and_then(|s| s.as_deref()),
+                            vec![event],
+                        )?);
+                        published = true;
                     }
                     if let Some(k) = &rkey {
                         let r = ReversalRecord {
@@ -1018,6 +1137,9 @@ impl Vault {
                 }
             })
             .await?;
+        if let (true, Some(owner), Ok(_)) = (published, &owner, &result) {
+            self.events.published(owner);
+        }
         if let Ok(o) = &result {
             tracing::info!(transaction_id = %req.transaction_id, code = o.response_code, reversed = o.reversed, "reversal decided");
         }
@@ -1040,6 +1162,63 @@ impl Vault {
             card_id: id,
             state: card.state,
         })
+    }
+
+    /// Streams `owner`'s events after sequence number `after` (0: from the
+    /// first), then new ones as they happen, until the receiver is dropped.
+    pub fn watch(&self, owner: Owner, after: u64) -> tokio::sync::mpsc::Receiver<Delivered> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(events::watch(
+            self.store.clone(),
+            self.events.clone(),
+            owner,
+            after,
+            tx,
+        ));
+        rx
+    }
+
+    /// Wakes and ends watchers; see [`EventHub`].
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// How many cards are in each state (a full scan of the cards: for
+    /// metrics, now and then, never on a request path).
+    pub async fn count_cards_by_state(&self) -> Result<Vec<(CardState, u64)>, VaultError> {
+        let states = [
+            CardState::Active,
+            CardState::Paused,
+            CardState::Blocked,
+            CardState::Used,
+            CardState::Closed,
+        ];
+        let mut counts = [0u64; 5];
+        let prefix = b"c/".to_vec();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(&prefix, after.as_deref(), 1000).await?;
+            for (_, value) in &page {
+                let rec: CardRecord = decode("card", value)?;
+                if let Some(n) = rec
+                    .state
+                    .checked_sub(1)
+                    .and_then(|i| counts.get_mut(i as usize))
+                {
+                    *n += 1;
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 1000 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        Ok(states.into_iter().zip(counts).collect())
+    }
+
+    /// The storage engine's size, when it can tell.
+    pub async fn size_bytes(&self) -> Result<Option<u64>, VaultError> {
+        Ok(self.store.size_bytes().await?)
     }
 
     /// Whether the storage engine can serve now (the health check).

@@ -710,6 +710,21 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        let row = self
+            .read("SELECT", |c| {
+                Box::pin(async move {
+                    c.query_one("SELECT pg_total_relation_size('vcn_kv')::BIGINT", &[])
+                        .await
+                })
+            })
+            .await?;
+        Ok(row
+            .try_get::<_, i64>(0)
+            .ok()
+            .and_then(|n| u64::try_from(n).ok()))
+    }
+
     async fn sync(&self) -> Result<(), StoreError> {
         // Every update returned only after its COMMIT was durable.
         Ok(())

@@ -13,6 +13,8 @@
 //! | `o/` owner, 0, newest-first time, card id | empty: the owner's list |
 //! | `i/` owner, 0, idempotency key | [`IdempotencyRecord`] |
 //! | `m/` name | vault metadata (key check value) |
+//! | `e/` owner, 0, sequence (u64 BE) | [`EventRecord`]: the owner's events |
+//! | `n/` owner | the owner's last event sequence (u64 BE) |
 
 use prost::Message;
 use time::OffsetDateTime;
@@ -20,7 +22,7 @@ use time::OffsetDateTime;
 use crate::domain::card::{CardId, CardPolicy, CardState, Expiry};
 use crate::domain::{Card, Currency, Mcc, MerchantId, Money, Owner};
 use crate::vault::crypto::Sealed;
-use crate::vault::VaultError;
+use crate::vault::{VaultError, Write};
 
 pub fn card_key(id: &CardId) -> Vec<u8> {
     [b"c/", id.as_str().as_bytes()].concat()
@@ -60,6 +62,30 @@ pub fn owner_key(owner: &Owner, created_at: OffsetDateTime, id: &CardId) -> Vec<
 
 pub fn idempotency_key(owner: &Owner, key: &str) -> Vec<u8> {
     [b"i/", owner.as_str().as_bytes(), b"\0", key.as_bytes()].concat()
+}
+
+/// The prefix of one owner's events.
+pub fn event_prefix(owner: &Owner) -> Vec<u8> {
+    [b"e/", owner.as_str().as_bytes(), b"\0"].concat()
+}
+
+/// One event of an owner: its sequence number, big-endian, so key order is
+/// event order.
+pub fn event_key(owner: &Owner, seq: u64) -> Vec<u8> {
+    [event_prefix(owner), seq.to_be_bytes().to_vec()].concat()
+}
+
+/// The sequence number of an event key under `prefix`.
+pub fn event_seq(prefix: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(prefix)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The last sequence number given to an owner's events. Every update that
+/// records an event names this key, so one owner's events are numbered
+/// one at a time, in commit order, with no gaps.
+pub fn event_seq_key(owner: &Owner) -> Vec<u8> {
+    [b"n/", owner.as_str().as_bytes()].concat()
 }
 
 pub const KEY_CHECK_VALUE: &[u8] = b"m/key-check-value";
@@ -121,10 +147,160 @@ pub struct CardRecord {
     pub expiry_year: u32,
     #[prost(message, optional, tag = "21")]
     pub sealed: Option<SealedRecord>,
+    /// Whether the EXPIRED event was recorded (once per card).
+    #[prost(bool, tag = "22")]
+    pub expiry_announced: bool,
     /// When a closed or used card was first seen ended (Unix seconds; 0:
     /// not yet): the retention pass purges it `retention` later.
-    #[prost(int64, tag = "22")]
+    #[prost(int64, tag = "23")]
     pub ended_at: i64,
+}
+
+/// What an [`EventRecord`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Issued = 1,
+    Authorized = 2,
+    Reversed = 3,
+    Paused = 4,
+    Resumed = 5,
+    Blocked = 6,
+    Used = 7,
+    Closed = 8,
+    Expired = 9,
+    LimitsChanged = 10,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 10] = [
+        EventKind::Issued,
+        EventKind::Authorized,
+        EventKind::Reversed,
+        EventKind::Paused,
+        EventKind::Resumed,
+        EventKind::Blocked,
+        EventKind::Used,
+        EventKind::Closed,
+        EventKind::Expired,
+        EventKind::LimitsChanged,
+    ];
+
+    pub fn from_code(code: u32) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|k| *k as u32 == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Issued => "issued",
+            EventKind::Authorized => "authorized",
+            EventKind::Reversed => "reversed",
+            EventKind::Paused => "paused",
+            EventKind::Resumed => "resumed",
+            EventKind::Blocked => "blocked",
+            EventKind::Used => "used",
+            EventKind::Closed => "closed",
+            EventKind::Expired => "expired",
+            EventKind::LimitsChanged => "limits_changed",
+        }
+    }
+}
+
+/// Something that happened to a card, stored in the same write as the
+/// change itself. Never a full card number.
+#[derive(Clone, PartialEq, Message)]
+pub struct EventRecord {
+    /// [`EventKind`] as a number.
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    #[prost(string, tag = "2")]
+    pub card_id: String,
+    #[prost(string, tag = "3")]
+    pub owner: String,
+    #[prost(int64, tag = "4")]
+    pub occurred_at: i64,
+    #[prost(string, tag = "5")]
+    pub masked_pan: String,
+    /// The card's state after the event (as in [`CardRecord::state`]).
+    #[prost(uint32, tag = "6")]
+    pub state: u32,
+    #[prost(string, tag = "7")]
+    pub currency: String,
+    #[prost(int64, tag = "8")]
+    pub remaining: i64,
+    /// The amount asked (authorisations) or given back (reversals), in
+    /// `amount_currency`.
+    #[prost(int64, optional, tag = "9")]
+    pub amount: Option<i64>,
+    #[prost(string, tag = "10")]
+    pub amount_currency: String,
+    #[prost(string, tag = "11")]
+    pub transaction_id: String,
+    #[prost(bool, tag = "12")]
+    pub approved: bool,
+    #[prost(string, tag = "13")]
+    pub response_code: String,
+    #[prost(string, tag = "14")]
+    pub reason: String,
+    #[prost(string, tag = "15")]
+    pub merchant_id: String,
+    #[prost(string, tag = "16")]
+    pub mcc: String,
+}
+
+impl EventRecord {
+    /// An event of `kind` about `card` (as it is after the change).
+    pub fn of(kind: EventKind, card: &Card, at: OffsetDateTime) -> EventRecord {
+        EventRecord {
+            kind: kind as u32,
+            card_id: card.id.as_str().to_string(),
+            owner: card.owner.as_str().to_string(),
+            occurred_at: at.unix_timestamp(),
+            masked_pan: card.masked_pan.clone(),
+            state: state_code(card.state),
+            currency: card.spent.currency().code().to_string(),
+            remaining: card.remaining().amount_minor(),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_amount(mut self, amount: Money) -> EventRecord {
+        self.amount = Some(amount.amount_minor());
+        self.amount_currency = amount.currency().code().to_string();
+        self
+    }
+
+    pub fn kind(&self) -> Option<EventKind> {
+        EventKind::from_code(self.kind)
+    }
+}
+
+/// The writes that append `events` to `owner`'s events, given the current
+/// value of [`event_seq_key`] (which the update must have named).
+pub fn append_events(
+    owner: &Owner,
+    seq_value: Option<&[u8]>,
+    events: Vec<EventRecord>,
+) -> Result<Vec<Write>, VaultError> {
+    if events.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut seq =
+        match seq_value {
+            None => 0,
+            Some(b) => u64::from_be_bytes(b.try_into().map_err(|_| {
+                VaultError::Internal("a stored event sequence is unreadable".into())
+            })?),
+        };
+    let mut writes = Vec::with_capacity(events.len() + 1);
+    for e in events {
+        seq += 1;
+        writes.push(Write::Put(
+            event_key(owner, seq),
+            prost::Message::encode_to_vec(&e),
+        ));
+    }
+    writes.push(Write::Put(event_seq_key(owner), seq.to_be_bytes().to_vec()));
+    Ok(writes)
 }
 
 /// The answer given to one transaction id, kept to answer its retries.
@@ -182,7 +358,7 @@ pub fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, Vault
         .map_err(|_| VaultError::Internal(format!("a stored {what} record is unreadable")))
 }
 
-fn state_code(s: CardState) -> u32 {
+pub fn state_code(s: CardState) -> u32 {
     match s {
         CardState::Active => 1,
         CardState::Paused => 2,
@@ -190,6 +366,17 @@ fn state_code(s: CardState) -> u32 {
         CardState::Used => 4,
         CardState::Closed => 5,
     }
+}
+
+pub fn state_from_code(code: u32) -> Option<CardState> {
+    Some(match code {
+        1 => CardState::Active,
+        2 => CardState::Paused,
+        3 => CardState::Blocked,
+        4 => CardState::Used,
+        5 => CardState::Closed,
+        _ => return None,
+    })
 }
 
 fn corrupt(id: &str, what: &str) -> VaultError {
@@ -286,14 +473,7 @@ impl CardRecord {
                 allowed_mccs: mccs(&self.allowed_mccs).map_err(|_| c("MCC list"))?,
                 blocked_mccs: mccs(&self.blocked_mccs).map_err(|_| c("MCC list"))?,
             },
-            state: match self.state {
-                1 => CardState::Active,
-                2 => CardState::Paused,
-                3 => CardState::Blocked,
-                4 => CardState::Used,
-                5 => CardState::Closed,
-                _ => return Err(c("state")),
-            },
+            state: state_from_code(self.state).ok_or_else(|| c("state"))?,
             spent: Money::new(self.spent, currency),
             uses: self.uses,
             failed_verifications: self.failed_verifications,

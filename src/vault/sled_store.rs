@@ -483,7 +483,12 @@ fn flush_loop(db: &sled::Db, commit: &Commit, dir: &Path, epoch: &AtomicU64) {
             }
         }
         let target = commit.written.load(Ordering::SeqCst);
-        match db.flush() {
+        let started = Instant::now();
+        let flushed = db.flush();
+        if let Some(m) = crate::metrics::get() {
+            m.flush_duration.observe(started.elapsed().as_secs_f64());
+        }
+        match flushed {
             Ok(_) => {
                 done = target;
                 commit.flushed.send_modify(|f| f.upto = target);
@@ -589,6 +594,10 @@ impl Store for SledStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(Some(self.engine()?.db.size_on_disk().map_err(io_error)?))
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

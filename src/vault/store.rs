@@ -75,6 +75,12 @@ pub trait Store: Send + Sync + 'static {
                 .into(),
         ))
     }
+
+    /// How much room the vault takes, in bytes, when the engine can say
+    /// (for metrics).
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Receives one exported entry (key, value).

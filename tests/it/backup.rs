@@ -84,7 +84,12 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
             }
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Some load first (a busy machine may need a while).
+    let waited = std::time::Instant::now();
+    while acked.lock().unwrap().len() < 30 && waited.elapsed() < std::time::Duration::from_secs(20)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let before_backup = acked.lock().unwrap().len();
     let file = d.join("vault.vcnbak");
     let (d2, f2, a2, port) = (d.clone(), file.clone(), admin.clone(), server.port);
@@ -112,7 +117,13 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
         "{}",
         String::from_utf8_lossy(&denied.stderr)
     );
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // And more after it.
+    let waited = std::time::Instant::now();
+    while acked.lock().unwrap().len() < before_backup + 10
+        && waited.elapsed() < std::time::Duration::from_secs(20)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.unwrap();

@@ -194,7 +194,7 @@ fn cli_drives_a_real_server_and_no_secret_reaches_its_logs() {
     assert_eq!(declined.status.code(), Some(1));
     let wrong_role = pay("t3", "1.00EUR", &web);
     assert_eq!(wrong_role.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&wrong_role.stderr).contains("PermissionDenied"));
+    assert!(String::from_utf8_lossy(&wrong_role.stderr).contains("(gRPC PERMISSION_DENIED)"));
     let bad_amount = pay("t4", "1.001EUR", &switch);
     assert_eq!(bad_amount.status.code(), Some(2));
     let nowhere = Command::new(VCN)
@@ -288,6 +288,520 @@ fn keygen_writes_a_private_key_once() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
+/// `vcn watch` as a child process, its stdout lines handed over as they come.
+struct Watcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watcher {
+    fn start(dir: &Path, port: u16, key: &str, args: &[&str]) -> Watcher {
+        let mut child = Command::new(VCN)
+            .arg("watch")
+            .args(args)
+            .current_dir(dir)
+            .env("VCN_SERVER", format!("http://127.0.0.1:{port}"))
+            .env("VCN_API_KEY", key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Watcher { child, lines }
+    }
+
+    /// The next `n` events it printed (JSON lines).
+    fn take(&self, n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let line = self
+                    .lines
+                    .recv_timeout(Duration::from_secs(15))
+                    .unwrap_or_else(|_| panic!("vcn watch printed only {i} of {n} events"));
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cardholder's day through the CLI: issue, pay, decline, refund, close,
+/// with `vcn watch` printing each as it happens; a watcher restarted with
+/// its last cursor gets exactly what it missed. Amounts in JPY and BHD show
+/// their own minor units; errors are sentences with the gRPC code.
+#[test]
+fn cli_issues_pays_lists_closes_and_watches_as_a_user_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = serve(d);
+    let port = server.port;
+    let add = |name: &str, role: &str| {
+        last_line(&vcn(d, port, "", &["client", "add", name, "--role", role]))
+    };
+    let (web, switch) = (add("web", "cards"), add("switch", "switch"));
+
+    let watcher = Watcher::start(d, port, &web, &["--owner", "bob", "--json"]);
+    let issue = |limit: &str, extra: &[&str]| {
+        let mut args = vec![
+            "card",
+            "issue",
+            "--funding-pan",
+            "5555555555554444",
+            "--owner",
+            "bob",
+            "--limit",
+            limit,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&vcn(d, port, &web, &args))
+    };
+    let eur = issue(
+        "50.00EUR",
+        &["--uses", "3", "--per-txn", "20.00EUR", "--valid-for", "7d"],
+    );
+    let yen = issue("5000JPY", &[]);
+    let dinar = issue("1.500BHD", &["--valid-until", "2030-01-31"]);
+    assert_eq!(yen["spend_limit"]["amount_minor"], 5000);
+    assert_eq!(dinar["spend_limit"]["amount_minor"], 1500);
+    assert_eq!(dinar["spend_limit"]["text"], "1.500 BHD");
+    assert_eq!(eur["per_transaction_limit"]["text"], "20.00 EUR");
+
+    let pay = |card: &Value, txn: &str, amount: &str| {
+        vcn(
+            d,
+            port,
+            &switch,
+            &[
+                "authorize",
+                "--pan",
+                card["pan"].as_str().unwrap(),
+                "--expiry",
+                card["expiry"].as_str().unwrap(),
+                "--cvv",
+                card["cvv"].as_str().unwrap(),
+                "--amount",
+                amount,
+                "--merchant",
+                "cafe-9",
+                "--mcc",
+                "5814",
+                "--txn",
+                txn,
+                "--json",
+            ],
+        )
+    };
+    let ok = json(&pay(&eur, "p1", "12.50EUR"));
+    assert_eq!(ok["remaining"]["text"], "37.50 EUR");
+    let over = pay(&eur, "p2", "25.00EUR");
+    assert_eq!(over.status.code(), Some(1), "a decline exits 1");
+    let over: Value = serde_json::from_slice(&over.stdout).unwrap();
+    assert_eq!(over["response_code"], "61");
+    let yen_ok = json(&pay(&yen, "p3", "1200JPY"));
+    assert_eq!(yen_ok["remaining"]["text"], "3800 JPY");
+    let dinar_ok = json(&pay(&dinar, "p4", "0.250BHD"));
+    assert_eq!(dinar_ok["remaining"]["text"], "1.250 BHD");
+    let refund = json(&vcn(
+        d,
+        port,
+        &switch,
+        &["reverse", "--txn", "p1", "--amount", "2.50EUR", "--json"],
+    ));
+    assert_eq!(refund["remaining"]["amount_minor"], 4000);
+    let eur_id = eur["card_id"].as_str().unwrap();
+    let closed = json(&vcn(d, port, &web, &["card", "close", eur_id, "--json"]));
+    assert_eq!(closed["state"], "CARD_STATE_CLOSED");
+
+    // The listing: a table with the amounts in each currency's units.
+    let list = vcn(d, port, &web, &["card", "list", "--owner", "bob"]);
+    assert!(list.status.success());
+    let table = String::from_utf8_lossy(&list.stdout);
+    let header = table.lines().next().unwrap();
+    for col in ["CARD", "NUMBER", "STATE", "SPENT", "REMAINING", "USES"] {
+        assert!(header.contains(col), "{header}");
+    }
+    for amount in ["3800 JPY", "1.250 BHD", "40.00 EUR", "closed"] {
+        assert!(table.contains(amount), "{amount} in\n{table}");
+    }
+    let listed = json(&vcn(
+        d,
+        port,
+        &web,
+        &["card", "list", "--owner", "bob", "--json"],
+    ));
+    assert_eq!(listed["cards"].as_array().unwrap().len(), 3);
+
+    // The watcher saw every change, in order, as it happened.
+    let events = watcher.take(11);
+    let kinds: Vec<_> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "issued",
+            "issued",
+            "issued",
+            "authorized",
+            "authorized",
+            "authorized",
+            "used",
+            "authorized",
+            "used",
+            "reversed",
+            "closed"
+        ]
+    );
+    assert_eq!(events[3]["approved"], true);
+    assert_eq!(events[3]["amount"]["text"], "12.50 EUR");
+    assert_eq!(events[3]["merchant_id"], "cafe-9");
+    assert_eq!(
+        (
+            events[4]["approved"].as_bool(),
+            events[4]["response_code"].as_str()
+        ),
+        (Some(false), Some("61"))
+    );
+    assert_eq!(events[5]["remaining"]["text"], "3800 JPY");
+    assert_eq!(events[7]["amount"]["text"], "0.250 BHD");
+    assert_eq!(events[9]["amount"]["text"], "2.50 EUR");
+    assert_eq!(events[10]["state"], "closed");
+    for e in &events {
+        let text = e.to_string();
+        for secret in [eur["pan"].as_str().unwrap(), "5555555555554444"] {
+            assert!(
+                !text.contains(secret),
+                "an event carries a full number: {text}"
+            );
+        }
+    }
+    drop(watcher);
+
+    // Restarted after the 5th event: exactly the 6 that followed, then exit.
+    let cursor = events[4]["cursor"].as_str().unwrap();
+    let again = vcn(
+        d,
+        port,
+        &web,
+        &[
+            "watch", "--owner", "bob", "--after", cursor, "--count", "6", "--json",
+        ],
+    );
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let resumed: Vec<Value> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(resumed, events[5..].to_vec());
+    // The text form: one line per event.
+    let text = vcn(d, port, &web, &["watch", "--owner", "bob", "--count", "4"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(
+        text.lines().nth(3).unwrap().contains("AUTHORIZED"),
+        "{text}"
+    );
+    assert!(text.contains("12.50 EUR APPROVED 00"), "{text}");
+
+    // Errors: a sentence with the gRPC code; usage 2, unreachable 3.
+    let missing = vcn(
+        d,
+        port,
+        &web,
+        &["card", "get", "vc_000000000000000000000000"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.starts_with("vcn: not found: card vc_") && err.trim_end().ends_with("(gRPC NOT_FOUND)"),
+        "{err}"
+    );
+    let bad_cursor = vcn(
+        d,
+        port,
+        &web,
+        &["watch", "--owner", "bob", "--after", "nope"],
+    );
+    assert_eq!(bad_cursor.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_cursor.stderr).contains("after_cursor"));
+    let bad_limit = vcn(
+        d,
+        port,
+        &web,
+        &[
+            "card",
+            "issue",
+            "--funding-pan",
+            "5555555555554444",
+            "--owner",
+            "bob",
+            "--limit",
+            "1.5JPY",
+        ],
+    );
+    assert_eq!(bad_limit.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_limit.stderr).contains("--limit"));
+    let nowhere = Command::new(VCN)
+        .args(["watch", "--owner", "bob"])
+        .env("VCN_SERVER", format!("http://127.0.0.1:{}", free_port()))
+        .env("VCN_API_KEY", &web)
+        .output()
+        .unwrap();
+    assert_eq!(nowhere.status.code(), Some(3));
+}
+
+/// GET `path` over plain HTTP; the status line and body. Waits a little
+/// for the port (the metrics listener opens just after the gRPC one).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "metrics port: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An operator's view: Prometheus metrics on their own port, JSON logs with
+/// a request id and the client's name on every RPC, no card number in them.
+#[test]
+fn metrics_and_json_logs_show_an_operator_what_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let metrics_port = free_port();
+    std::fs::write(
+        d.join("vcn.toml"),
+        format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nlog_format = \"json\"\n"),
+    )
+    .unwrap();
+    let server = serve_with(d, &["--config", "vcn.toml"]);
+    let port = server.port;
+    let add = |name: &str, role: &str| {
+        last_line(&vcn(d, port, "", &["client", "add", name, "--role", role]))
+    };
+    let (web, switch) = (add("web", "cards"), add("switch", "switch"));
+    let issue = || {
+        json(&vcn(
+            d,
+            port,
+            &web,
+            &[
+                "card",
+                "issue",
+                "--funding-pan",
+                "4111111111111111",
+                "--owner",
+                "ops",
+                "--limit",
+                "20.00EUR",
+                "--json",
+            ],
+        ))
+    };
+    let (card, other) = (issue(), issue());
+    let pay = |txn: &str, amount: &str| {
+        vcn(
+            d,
+            port,
+            &switch,
+            &[
+                "authorize",
+                "--pan",
+                card["pan"].as_str().unwrap(),
+                "--expiry",
+                card["expiry"].as_str().unwrap(),
+                "--cvv",
+                card["cvv"].as_str().unwrap(),
+                "--amount",
+                amount,
+                "--txn",
+                txn,
+            ],
+        )
+    };
+    assert_eq!(pay("m1", "30.00EUR").status.code(), Some(1));
+    assert!(pay("m2", "5.00EUR").status.success());
+    let paused = vcn(
+        d,
+        port,
+        &web,
+        &["card", "pause", other["card_id"].as_str().unwrap()],
+    );
+    assert!(paused.status.success());
+    let missing = vcn(
+        d,
+        port,
+        &web,
+        &["card", "get", "vc_000000000000000000000000"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+
+    let (status, text) = http_get(metrics_port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_authorizations_total{reason="approved",response_code="00"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_authorizations_total{reason="insufficient_funds",response_code="51"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_rpc_duration_seconds_count{code="OK",method="AuthorizationService/Authorize"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"vcn_rpc_duration_seconds_count{code="NOT_FOUND",method="CardService/GetCard"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, r#"vcn_store_update_duration_seconds_count"#).unwrap_or(0.0) >= 5.0,
+        "{text}"
+    );
+    if crate::engine::engine() == crate::engine::Engine::Sled {
+        assert!(
+            sample(&text, "vcn_store_flush_duration_seconds_count").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+    }
+    assert!(
+        sample(&text, "vcn_vault_size_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    assert!(http_get(metrics_port, "/nope").0.contains("404"));
+
+    // Cards by state are counted at start (then every minute).
+    let log_path = server.log.clone();
+    assert!(server.terminate().success());
+    let first_log = std::fs::read_to_string(&log_path).unwrap();
+    let server = serve_with(d, &["--config", "vcn.toml"]);
+    let start = Instant::now();
+    let counted = loop {
+        let (_, text) = http_get(metrics_port, "/metrics");
+        if sample(&text, r#"vcn_cards{state="paused"}"#) == Some(1.0) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cards never counted: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&counted, r#"vcn_cards{state="used"}"#),
+        Some(1.0),
+        "{counted}"
+    );
+    assert_eq!(
+        sample(&counted, r#"vcn_cards{state="closed"}"#),
+        Some(0.0),
+        "{counted}"
+    );
+    drop(server);
+
+    // Every log line is JSON; every RPC has a request id, its method and, once
+    // authenticated, the client's name.
+    let lines: Vec<Value> = first_log
+        .lines()
+        // (the development key notice is printed, not logged)
+        .filter(|l| !l.starts_with("vcn: "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let answered: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "rpc answered")
+        .collect();
+    assert!(answered.len() >= 6, "{first_log}");
+    let mut ids = std::collections::HashSet::new();
+    for l in &answered {
+        let span = &l["span"];
+        assert!(
+            span["request_id"].as_str().is_some_and(|s| !s.is_empty()),
+            "{l}"
+        );
+        assert!(
+            ids.insert(span["request_id"].as_str().unwrap().to_string()),
+            "request ids are unique"
+        );
+    }
+    let authorize = answered
+        .iter()
+        .find(|l| l["span"]["method"] == "AuthorizationService/Authorize")
+        .expect("an Authorize RPC logged");
+    assert_eq!(authorize["span"]["client"], "switch");
+    assert_eq!(authorize["code"], "OK");
+    let decided = lines
+        .iter()
+        .find(|l| l["message"] == "authorisation decided")
+        .expect("the decision logged");
+    assert_eq!(
+        decided["span"]["client"], "switch",
+        "vault logs carry the RPC's span: {decided}"
+    );
+    let pan = card["pan"].as_str().unwrap();
+    assert!(!first_log.contains(pan) && !first_log.contains("4111111111111111"));
+}
+
 /// The README's walk-through, run as written against a real server.
 #[test]
 fn readme_walkthrough_runs_as_written() {
@@ -340,6 +854,24 @@ fn readme_walkthrough_runs_as_written() {
     assert!(out.contains("APPROVED 00"), "{out}");
     assert!(out.contains("DECLINED 65"), "{out}");
     assert!(out.contains("funding 4111111111111111"), "{out}");
+    assert!(out.contains("state      used"), "card get: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("CARD ") && l.contains("REMAINING")),
+        "card list prints a table: {out}"
+    );
+    let watched: Vec<_> = out
+        .lines()
+        .filter(|l| l.contains("[cursor "))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        watched,
+        ["ISSUED", "AUTHORIZED", "USED", "AUTHORIZED"],
+        "vcn watch: {out}"
+    );
+    assert!(out.contains("12.50 EUR APPROVED 00"), "{out}");
+    assert!(out.contains("DECLINED 65 (card_used)"), "{out}");
     assert!(server.terminate().success());
 }
 
