@@ -10,6 +10,7 @@
 //! - [`cli`]: the `vcn` command line.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod clients;
 pub mod config;
