@@ -4,6 +4,7 @@
 
 mod access;
 mod authorize;
+mod bench;
 mod binary;
 mod concurrency;
 mod issue;
