@@ -1,23 +1,34 @@
 //! The embedded engine: one sled tree, striped key locks, group commit.
 //!
 //! An update locks the stripes of its keys (in a fixed order, so two
-//! updates never deadlock), reads, decides and applies its writes as one
-//! sled batch (atomic), then releases the locks before it waits for
-//! durability. Durability is group commit: a dedicated flusher thread calls
-//! `Db::flush` (one fsync of sled's log) for every write made before it
-//! started, and wakes all their waiters at once. No lock is held across the
-//! sync and the sync never runs on a tokio worker. (sled 0.34's own
-//! `flush_async` was seen to hang under tokio, hence the thread.)
+//! updates never deadlock), reads, decides and queues its writes, then
+//! releases the locks and waits for durability. A dedicated committer
+//! thread takes everything queued since its last round, applies it to sled
+//! as ONE atomic batch, then calls `Db::flush` (one write and sync of
+//! sled's log) and wakes every writer of that round at once. No lock is
+//! held across the sync and the sync never runs on a tokio worker. (sled
+//! 0.34's own `flush_async` was seen to hang under tokio, hence the thread.)
 //!
-//! Why releasing the locks before the sync is safe: a later update that
-//! read this one's writes waits for a flush that starts after it, and
-//! sled's flush makes everything written before it durable. So nobody is
-//! ever acknowledged on the strength of a write that could still be lost.
+//! Why queue instead of applying each update's batch in the caller: in
+//! sled 0.34 a batch takes a process-wide write lock that `Db::flush`
+//! holds for reading across its whole I/O, so a batch applied while a flush
+//! is in flight blocks until the sync is done, and it blocks the tokio
+//! worker it runs on (and, parking_lot's lock being fair, every `get`
+//! behind it). The committer never applies while it flushes, so callers
+//! only ever wait on memory.
+//!
+//! Writes queued but not yet applied live in an overlay that reads consult
+//! first, so an update sees every update to its keys before it. Why
+//! answering before one's own reads are durable is never done: an update
+//! waits for the round its writes are in; one that writes nothing waits for
+//! the latest round, which holds or follows everything it could have read;
+//! rounds are applied and flushed in order, and sled's flush makes
+//! everything applied before it durable.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -43,23 +54,59 @@ impl Default for SledOptions {
     }
 }
 
-/// How far the flusher has got, shared with the waiters.
+/// How far the committer has got, shared with the waiters.
 #[derive(Debug, Clone, Default)]
 struct Flushed {
-    /// Every write with a ticket up to this is durable.
+    /// Every round up to this one is applied and durable.
     upto: u64,
-    /// The last failed flush: the highest ticket it covered, and why.
-    failed: Option<(u64, String)>,
+    /// The last failed flush: the rounds it covered, and why.
+    failed: Option<(u64, u64, String)>,
+    /// Set when a round could not be applied: the store takes no more
+    /// writes (what was decided on the lost writes cannot be trusted).
+    broken: Option<String>,
 }
 
-/// State shared between writers and the flusher thread.
+/// Writes waiting for the committer.
+struct Pending {
+    /// The round being collected.
+    round: u64,
+    /// Its writes, in order.
+    writes: Vec<Write>,
+    /// The latest queued value of every key not yet applied to sled, and
+    /// its round (None: deleted).
+    overlay: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// Set when the store failed: see [`Flushed::broken`].
+    broken: Option<String>,
+    /// Updates with writes in the round being collected.
+    updates: u64,
+    /// The committer is asleep waiting for writes.
+    idle: bool,
+    stop: bool,
+}
+
+/// Counters for measuring group commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Rounds applied and flushed.
+    pub rounds: u64,
+    /// Updates (with writes) in them.
+    pub updates: u64,
+}
+
+/// State shared between writers and the committer thread.
 struct Commit {
-    /// Tickets handed out: each write takes the next one after applying.
-    written: AtomicU64,
-    /// Wakes the flusher; the bool asks it to stop.
-    wake: Mutex<bool>,
-    cond: Condvar,
+    pending: Mutex<Pending>,
+    wake: Condvar,
     flushed: watch::Sender<Flushed>,
+    stats: Mutex<CommitStats>,
+}
+
+impl Commit {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Nothing panics while holding it; if something did, the state is
+        // still consistent (every change is a single assignment or push).
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 pub struct SledStore {
@@ -67,7 +114,7 @@ pub struct SledStore {
     /// Striped locks that serialise updates touching the same keys.
     locks: Box<[Mutex<()>]>,
     commit: Arc<Commit>,
-    flusher: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
 }
 
 impl SledStore {
@@ -76,7 +123,10 @@ impl SledStore {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::HighThroughput);
+            .mode(sled::Mode::HighThroughput)
+            // The committer flushes after every round; sled's own periodic
+            // flush would only hold its lock against the committer's batch.
+            .flush_every_ms(None);
         // sled releases its file lock when its last background task ends,
         // which can be a moment after the previous handle was dropped (a
         // restart in the same process): wait for it briefly.
@@ -93,25 +143,33 @@ impl SledStore {
         };
         let (tx, _) = watch::channel(Flushed::default());
         let commit = Arc::new(Commit {
-            written: AtomicU64::new(0),
-            wake: Mutex::new(false),
-            cond: Condvar::new(),
+            pending: Mutex::new(Pending {
+                round: 1,
+                writes: Vec::new(),
+                overlay: HashMap::new(),
+                broken: None,
+                updates: 0,
+                idle: false,
+                stop: false,
+            }),
+            wake: Condvar::new(),
             flushed: tx,
+            stats: Mutex::new(CommitStats::default()),
         });
-        let flusher = {
+        let committer = {
             let (db, commit) = (db.clone(), commit.clone());
             std::thread::Builder::new()
-                .name("vcn-flusher".into())
-                .spawn(move || flush_loop(&db, &commit))
+                .name("vcn-committer".into())
+                .spawn(move || commit_loop(&db, &commit))
                 .map_err(|e| {
-                    StoreError::Unavailable(format!("cannot start the flusher thread: {e}"))
+                    StoreError::Unavailable(format!("cannot start the committer thread: {e}"))
                 })?
         };
         Ok(SledStore {
             db,
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             commit,
-            flusher: Some(flusher),
+            committer: Some(committer),
         })
     }
 
@@ -124,6 +182,12 @@ impl SledStore {
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Rounds and updates committed so far (updates per round is how well
+    /// group commit shares its syncs).
+    pub fn stats(&self) -> CommitStats {
+        *self.commit.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn stripes(&self, keys: &[Vec<u8>]) -> Vec<usize> {
@@ -140,9 +204,9 @@ impl SledStore {
         s
     }
 
-    /// The synchronous part of an update: lock, read, decide, apply, take
-    /// a ticket. Returns the ticket to wait for.
-    fn apply(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<u64, StoreError> {
+    /// The synchronous part of an update: lock, read, decide, queue.
+    /// Returns the round to wait for.
+    fn stage(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<u64, StoreError> {
         let _guards: Vec<MutexGuard<'_, ()>> = self
             .stripes(keys)
             .into_iter()
@@ -150,16 +214,125 @@ impl SledStore {
             // still orders updates, so take it.
             .map(|i| self.locks[i].lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
-        let mut values = Vec::with_capacity(keys.len());
-        for k in keys {
-            values.push(self.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
+        // Queued values first. No other update can queue these keys while
+        // we hold their stripes, and the committer removes a value from the
+        // overlay only after applying it to sled, so a miss here is found
+        // in sled.
+        let mut values: Vec<Option<Option<Vec<u8>>>> = {
+            let p = self.commit.pending();
+            if let Some(reason) = &p.broken {
+                return Err(broken_error(reason));
+            }
+            keys.iter()
+                .map(|k| p.overlay.get(k).map(|(_, v)| v.clone()))
+                .collect()
+        };
+        for (k, v) in keys.iter().zip(values.iter_mut()) {
+            if v.is_none() {
+                *v = Some(self.db.get(k).map_err(io_error)?.map(|v| v.to_vec()));
+            }
         }
+        let values: Vec<Option<Vec<u8>>> = values.into_iter().map(Option::flatten).collect();
         let writes = decide(&values);
-        if writes.is_empty() {
-            // Nothing to write, but what was read may itself still be in
-            // flight to disk: wait for everything written so far.
-            return Ok(self.commit.written.load(Ordering::SeqCst));
+        let mut p = self.commit.pending();
+        if let Some(reason) = &p.broken {
+            // What we read may have been lost with the failed round.
+            return Err(broken_error(reason));
         }
+        if writes.is_empty() {
+            // Nothing to write, but what was read may itself still be on
+            // its way to disk: wait for the latest round.
+            return Ok(if p.writes.is_empty() {
+                p.round - 1
+            } else {
+                p.round
+            });
+        }
+        let round = p.round;
+        for w in writes {
+            match &w {
+                Write::Put(k, v) => p.overlay.insert(k.clone(), (round, Some(v.clone()))),
+                Write::Delete(k) => p.overlay.insert(k.clone(), (round, None)),
+            };
+            p.writes.push(w);
+        }
+        p.updates += 1;
+        let wake = p.idle;
+        drop(p);
+        if wake {
+            self.commit.wake.notify_one();
+        }
+        Ok(round)
+    }
+
+    async fn wait_durable(&self, round: u64) -> Result<(), StoreError> {
+        let done = |f: &Flushed| {
+            f.upto >= round
+                || f.broken.is_some()
+                || f.failed
+                    .as_ref()
+                    .is_some_and(|(lo, hi, _)| (*lo..=*hi).contains(&round))
+        };
+        let state = {
+            let now = self.commit.flushed.borrow();
+            if now.upto >= round {
+                return Ok(());
+            }
+            done(&now).then(|| now.clone())
+        };
+        let state = match state {
+            Some(s) => s,
+            None => {
+                let mut rx = self.commit.flushed.subscribe();
+                let s = rx
+                    .wait_for(done)
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("the committer thread has stopped".into())
+                    })?
+                    .clone();
+                s
+            }
+        };
+        if state.upto >= round {
+            return Ok(());
+        }
+        if let Some((_, _, reason)) = state
+            .failed
+            .filter(|(lo, hi, _)| (*lo..=*hi).contains(&round))
+        {
+            return Err(StoreError::Unavailable(format!(
+                "could not make the write durable: {reason}"
+            )));
+        }
+        Err(broken_error(&state.broken.unwrap_or_default()))
+    }
+}
+
+fn broken_error(reason: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the vault stopped taking writes after a storage failure ({reason}); restart the service"
+    ))
+}
+
+/// The committer: apply each round as one batch, flush, wake its writers.
+fn commit_loop(db: &sled::Db, commit: &Commit) {
+    loop {
+        let (round, writes, updates) = {
+            let mut p = commit.pending();
+            while p.writes.is_empty() && !p.stop {
+                p.idle = true;
+                p = commit.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            p.idle = false;
+            if p.writes.is_empty() {
+                return; // stopping, and nothing left to write
+            }
+            let round = p.round;
+            p.round += 1;
+            let updates = std::mem::take(&mut p.updates);
+            (round, std::mem::take(&mut p.writes), updates)
+        };
         let mut batch = sled::Batch::default();
         for w in writes {
             match w {
@@ -167,61 +340,37 @@ impl SledStore {
                 Write::Delete(k) => batch.remove(k),
             }
         }
-        self.db.apply_batch(batch).map_err(io_error)?;
-        let ticket = self.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(ticket)
-    }
-
-    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
-        if self.commit.flushed.borrow().upto >= ticket {
-            return Ok(());
+        if let Err(e) = db.apply_batch(batch) {
+            tracing::error!(error = %e, "applying writes to the vault failed; it takes no more writes");
+            let reason = e.to_string();
+            let mut p = commit.pending();
+            p.broken = Some(reason.clone());
+            p.overlay.clear();
+            p.writes.clear();
+            p.updates = 0;
+            drop(p);
+            commit
+                .flushed
+                .send_modify(|f| f.broken = Some(reason.clone()));
+            continue;
         }
-        {
-            let _wake = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
-            self.commit.cond.notify_one();
-        }
-        let mut rx = self.commit.flushed.subscribe();
-        let state = rx
-            .wait_for(|f| f.upto >= ticket || f.failed.as_ref().is_some_and(|(t, _)| *t >= ticket))
-            .await
-            .map_err(|_| StoreError::Unavailable("the flusher thread has stopped".into()))?
-            .clone();
-        if state.upto >= ticket {
-            return Ok(());
-        }
-        let reason = state.failed.map(|(_, e)| e).unwrap_or_default();
-        Err(StoreError::Unavailable(format!(
-            "could not make the write durable: {reason}"
-        )))
-    }
-}
-
-fn flush_loop(db: &sled::Db, commit: &Commit) {
-    let mut done = 0u64;
-    loop {
-        {
-            let mut stop = commit.wake.lock().unwrap_or_else(|e| e.into_inner());
-            while !*stop && commit.written.load(Ordering::SeqCst) <= done {
-                stop = commit.cond.wait(stop).unwrap_or_else(|e| e.into_inner());
-            }
-            if *stop && commit.written.load(Ordering::SeqCst) <= done {
-                return;
-            }
-        }
-        let target = commit.written.load(Ordering::SeqCst);
+        commit.pending().overlay.retain(|_, (r, _)| *r != round);
         match db.flush() {
             Ok(_) => {
-                done = target;
-                commit.flushed.send_modify(|f| f.upto = target);
+                {
+                    let mut st = commit.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    st.rounds += 1;
+                    st.updates += updates;
+                }
+                commit.flushed.send_modify(|f| f.upto = round);
             }
             Err(e) => {
                 tracing::error!(error = %e, "flushing the vault to disk failed");
-                commit
-                    .flushed
-                    .send_modify(|f| f.failed = Some((target, e.to_string())));
-                // Do not spin on a failing disk; the next write retries.
+                commit.flushed.send_modify(|f| {
+                    f.failed = Some((f.upto + 1, round, e.to_string()));
+                });
+                // Do not spin on a failing disk; the next round retries.
                 std::thread::sleep(std::time::Duration::from_millis(50));
-                done = target;
             }
         }
     }
@@ -229,12 +378,9 @@ fn flush_loop(db: &sled::Db, commit: &Commit) {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        {
-            let mut stop = self.commit.wake.lock().unwrap_or_else(|e| e.into_inner());
-            *stop = true;
-            self.commit.cond.notify_one();
-        }
-        if let Some(t) = self.flusher.take() {
+        self.commit.pending().stop = true;
+        self.commit.wake.notify_one();
+        if let Some(t) = self.committer.take() {
             let _ = t.join();
         }
         let _ = self.db.flush();
@@ -301,16 +447,25 @@ impl Store for SledStore {
     }
 
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
-        let ticket = self.apply(keys, decide)?;
-        self.wait_durable(ticket).await
+        let round = self.stage(keys, decide)?;
+        self.wait_durable(round).await
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let ticket = self.commit.written.load(Ordering::SeqCst);
-        if ticket == 0 {
+        let round = {
+            let p = self.commit.pending();
+            if p.writes.is_empty() {
+                p.round - 1
+            } else {
+                p.round
+            }
+        };
+        if round == 0 {
+            // Nothing written by this process: what sled recovered is on
+            // disk already; flush anyway, it is cheap when clean.
             return self.db.flush().map(|_| ()).map_err(io_error);
         }
-        self.wait_durable(ticket).await
+        self.wait_durable(round).await
     }
 }
 
@@ -407,9 +562,11 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(s.get(b"n").await.unwrap(), Some(b"400".to_vec()));
-        assert!(
-            s.commit.flushed.borrow().upto >= 400,
+        let stats = s.stats();
+        assert_eq!(
+            stats.updates, 400,
             "every write was flushed before its reply"
         );
+        assert!(stats.rounds <= 400);
     }
 }
