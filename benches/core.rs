@@ -198,10 +198,9 @@ fn vault(c: &mut Criterion) {
     g.bench_function("authorize_one_durable", |bn| {
         bn.iter(|| {
             n += 1;
-            let o = b
-                .rt
-                .block_on(vault.authorize(&auth_req(&cards[0], format!("one-{n}"))))
-                .unwrap();
+            let o =
+                b.rt.block_on(vault.authorize(&auth_req(&cards[0], format!("one-{n}"))))
+                    .unwrap();
             assert!(o.code.is_approved());
         })
     });

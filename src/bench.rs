@@ -100,6 +100,10 @@ pub struct Options {
     pub hot_cap: i64,
     /// The operations, in order (health first gives the floor).
     pub ops: Vec<Op>,
+    /// Times each round is run (operations interleaved); the summary
+    /// gives the median of each figure over them, which a noisy machine
+    /// needs.
+    pub repeat: usize,
     /// Progress on standard error.
     pub verbose: bool,
 }
@@ -114,6 +118,7 @@ impl Default for Options {
             pool_cards: 1024,
             hot_cap: POOL_CAP,
             ops: Op::ALL.to_vec(),
+            repeat: 1,
             verbose: false,
         }
     }
@@ -174,9 +179,77 @@ pub struct OpResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
+    /// 0 before the fill, 1 after it.
+    pub phase: usize,
+    /// Which repeat of the phase's round this is (from 1).
+    pub repeat: usize,
     /// Cards this run had issued when the round started.
     pub cards_issued_before: u64,
     pub ops: Vec<OpResult>,
+}
+
+/// One operation over the repeats of a phase: the median of each figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpSummary {
+    pub op: Op,
+    pub repeats: usize,
+    pub throughput: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    /// Median of the per-repeat ratios to the floor.
+    pub ratio_to_floor: Option<f64>,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseSummary {
+    pub phase: usize,
+    pub cards_issued_before: u64,
+    pub ops: Vec<OpSummary>,
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
+
+fn summarise(rounds: &[Round]) -> Vec<PhaseSummary> {
+    let mut out: Vec<PhaseSummary> = Vec::new();
+    for r in rounds {
+        if out.last().is_none_or(|p| p.phase != r.phase) {
+            out.push(PhaseSummary {
+                phase: r.phase,
+                cards_issued_before: r.cards_issued_before,
+                ops: Vec::new(),
+            });
+        }
+    }
+    for p in &mut out {
+        let of_phase: Vec<&Round> = rounds.iter().filter(|r| r.phase == p.phase).collect();
+        let ops: Vec<Op> = of_phase
+            .first()
+            .map(|r| r.ops.iter().map(|o| o.op).collect())
+            .unwrap_or_default();
+        for op in ops {
+            let each: Vec<&OpResult> = of_phase
+                .iter()
+                .flat_map(|r| r.ops.iter().filter(|o| o.op == op))
+                .collect();
+            let m = |f: &dyn Fn(&OpResult) -> u64| median(each.iter().map(|o| f(o)).collect());
+            p.ops.push(OpSummary {
+                op,
+                repeats: each.len(),
+                throughput: median(each.iter().map(|o| o.throughput).collect()).unwrap_or(0.0),
+                p50_us: m(&|o| o.p50_us).unwrap_or(0),
+                p99_us: m(&|o| o.p99_us).unwrap_or(0),
+                p999_us: m(&|o| o.p999_us).unwrap_or(0),
+                ratio_to_floor: median(each.iter().filter_map(|o| o.ratio_to_floor).collect()),
+                errors: each.iter().map(|o| o.errors).sum(),
+            });
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +289,7 @@ pub struct Machine {
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     pub target: String,
+    pub repeat: usize,
     pub concurrency: usize,
     pub connections: usize,
     pub duration_s: f64,
@@ -246,6 +320,8 @@ pub struct Report {
     pub machine: Machine,
     pub settings: Settings,
     pub rounds: Vec<Round>,
+    /// Medians over the repeats, per phase (before and after a fill).
+    pub summary: Vec<PhaseSummary>,
     pub fill: Option<Fill>,
     pub checks: Checks,
     /// Cards this run issued in all (rounds, pools, fill and checks).
@@ -277,10 +353,11 @@ impl Report {
             "vcn bench: {} | {} in flight over {} connections | {:.1}s per operation | {} cores ({})\n",
             st.target, st.concurrency, st.connections, st.duration_s, self.machine.cores, self.machine.cpu
         ));
-        for (i, r) in self.rounds.iter().enumerate() {
+        for r in &self.rounds {
             s.push_str(&format!(
-                "\nround {} (cards issued by this run before it: {})\n",
-                i + 1,
+                "\n{} round {} (cards issued by this run before it: {})\n",
+                if r.phase == 0 { "first" } else { "after-fill" },
+                r.repeat,
                 r.cards_issued_before
             ));
             s.push_str(&format!(
@@ -312,6 +389,38 @@ impl Report {
                 ));
                 if let Some(e) = &o.first_error {
                     s.push_str(&format!("    first error: {e}\n"));
+                }
+            }
+        }
+        if st.repeat > 1 {
+            for p in &self.summary {
+                s.push_str(&format!(
+                    "\nmedian of {} repeats, {} (cards issued before: {})\n",
+                    st.repeat,
+                    if p.phase == 0 {
+                        "first rounds"
+                    } else {
+                        "after the fill"
+                    },
+                    p.cards_issued_before
+                ));
+                s.push_str(&format!(
+                    "{:<14} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}\n",
+                    "operation", "calls/s", "p50 ms", "p99 ms", "p999 ms", "floor", "errors"
+                ));
+                for o in &p.ops {
+                    s.push_str(&format!(
+                        "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7}\n",
+                        o.op.name(),
+                        o.throughput,
+                        o.p50_us as f64 / 1000.0,
+                        o.p99_us as f64 / 1000.0,
+                        o.p999_us as f64 / 1000.0,
+                        o.ratio_to_floor
+                            .map(|r| format!("{:.0}%", r * 100.0))
+                            .unwrap_or_else(|| "-".into()),
+                        o.errors
+                    ));
                 }
             }
         }
@@ -686,7 +795,7 @@ impl Run {
         Ok(v)
     }
 
-    async fn round(&mut self) -> Result<Round, BenchError> {
+    async fn round(&mut self, phase: usize, repeat: usize) -> Result<Round, BenchError> {
         let before = self.issued.load(Ordering::Relaxed);
         // The pool of fresh multi-use cards for this round.
         if self.opts.ops.contains(&Op::Authorize) {
@@ -699,7 +808,11 @@ impl Run {
         }
         let mut ops = Vec::new();
         for &op in &self.opts.ops.clone() {
-            self.say(format!("{} for {:?}", op.name(), self.opts.duration));
+            self.say(format!(
+                "{} for {:?} (phase {phase}, repeat {repeat})",
+                op.name(),
+                self.opts.duration
+            ));
             ops.push(self.measure(op).await?);
         }
         let floor = ops
@@ -710,6 +823,8 @@ impl Run {
             o.ratio_to_floor = floor.filter(|f| *f > 0.0).map(|f| o.throughput / f);
         }
         Ok(Round {
+            phase,
+            repeat,
             cards_issued_before: before,
             ops,
         })
@@ -1116,6 +1231,7 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
         opts: Options {
             concurrency: opts.concurrency.max(1),
             connections: opts.connections.max(1),
+            repeat: opts.repeat.max(1),
             ..opts.clone()
         },
         conns: connect(target, opts.connections).await?,
@@ -1129,11 +1245,16 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
         hot: None,
         pools: Vec::new(),
     };
-    let mut rounds = vec![run.round().await?];
+    let mut rounds = Vec::new();
+    for repeat in 1..=run.opts.repeat {
+        rounds.push(run.round(0, repeat).await?);
+    }
     let mut fill = None;
     if opts.fill > 0 {
         fill = Some(run.fill().await);
-        rounds.push(run.round().await?);
+        for repeat in 1..=run.opts.repeat {
+            rounds.push(run.round(1, repeat).await?);
+        }
     }
     let checks = run.check().await;
     Ok(Report {
@@ -1142,6 +1263,7 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
         machine: machine(),
         settings: Settings {
             target: target.url.clone(),
+            repeat: run.opts.repeat,
             concurrency: run.opts.concurrency,
             connections: run.opts.connections,
             duration_s: opts.duration.as_secs_f64(),
@@ -1149,6 +1271,7 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
             pool_cards: opts.pool_cards,
             hot_cap: opts.hot_cap,
         },
+        summary: summarise(&rounds),
         rounds,
         fill,
         checks,

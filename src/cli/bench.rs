@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Operations to run, in order (health first: it is the floor).
     #[arg(long, value_enum, value_delimiter = ',')]
     ops: Vec<Op>,
+    /// Run each round this many times (operations interleaved) and report
+    /// the medians too: ratios on a noisy machine need it.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -87,12 +91,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
         } else {
             args.ops.clone()
         },
+        repeat: args.repeat,
         verbose: !args.quiet,
     };
-    if opts.hot_cap <= 0 || opts.concurrency == 0 || opts.connections == 0 {
+    if opts.hot_cap <= 0 || opts.concurrency == 0 || opts.connections == 0 || opts.repeat == 0 {
         return fail(
             EXIT_USAGE,
-            "--hot-cap, --concurrency and --connections must be above 0",
+            "--hot-cap, --concurrency, --connections and --repeat must be above 0",
         );
     }
     let (target, local) = match &args.server {
