@@ -538,6 +538,63 @@ mod tests {
         assert!(s.scan(b"q/", None, 10).await.unwrap().is_empty());
     }
 
+    /// Updates over overlapping pairs of keys, many of them decided on
+    /// values still queued for the committer: the total never changes, and
+    /// what was acknowledged is what a reopened store holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn transfers_between_overlapping_keys_keep_the_total_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Vec<u8>> = (0..5).map(|i| format!("acct{i}").into_bytes()).collect();
+        let read = |v: &Option<Vec<u8>>| -> i64 {
+            v.as_deref()
+                .map_or(1000, |b| std::str::from_utf8(b).unwrap().parse().unwrap())
+        };
+        {
+            let s = Arc::new(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
+            let mut tasks = Vec::new();
+            for t in 0..12usize {
+                let (s, keys) = (s.clone(), keys.clone());
+                tasks.push(tokio::spawn(async move {
+                    for n in 0..40usize {
+                        let (a, b) = ((t + n) % 5, (t + 2 * n + 1) % 5);
+                        if a == b {
+                            continue;
+                        }
+                        let pair = vec![keys[a].clone(), keys[b].clone()];
+                        s.update(&pair, &mut |v| {
+                            let (x, y) = (read(&v[0]), read(&v[1]));
+                            vec![
+                                Write::Put(pair[0].clone(), (x - 7).to_string().into_bytes()),
+                                Write::Put(pair[1].clone(), (y + 7).to_string().into_bytes()),
+                            ]
+                        })
+                        .await
+                        .unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let mut total = 0;
+            s.update(&keys, &mut |v| {
+                total = v.iter().map(read).sum::<i64>();
+                vec![]
+            })
+            .await
+            .unwrap();
+            assert_eq!(total, 5000);
+            let st = s.stats();
+            assert!(st.updates == 384 && st.rounds <= st.updates, "{st:?}");
+        }
+        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let mut total = 0;
+        for k in &keys {
+            total += read(&s.get(k).await.unwrap());
+        }
+        assert_eq!(total, 5000, "the reopened store holds every acknowledged transfer");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_updates_of_one_key_never_lose_an_increment() {
         let dir = tempfile::tempdir().unwrap();
