@@ -1141,7 +1141,7 @@ impl Run {
                 ));
             }
         }
-        let mut approvals = vec![0u32; SINGLE_USE_CHECKS];
+        let mut approvals = [0u32; SINGLE_USE_CHECKS];
         for (i, t) in tasks {
             match t.await {
                 Ok(Ok(r)) if r.approved => approvals[i] += 1,
@@ -1333,11 +1333,12 @@ impl LocalServer {
                     .map_err(|e| start_err(e.to_string()))?,
             ),
         };
-        let root = match (&temp, dir) {
-            (Some(t), _) => t.path().to_path_buf(),
-            (None, Some(d)) => d.to_path_buf(),
-            (None, None) => unreachable!(),
-        };
+        let root = temp
+            .as_ref()
+            .map(|t| t.path())
+            .or(dir)
+            .map(Path::to_path_buf)
+            .ok_or_else(|| start_err("no data directory".into()))?;
         let config = crate::config::Config {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),

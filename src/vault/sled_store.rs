@@ -592,7 +592,10 @@ mod tests {
         for k in &keys {
             total += read(&s.get(k).await.unwrap());
         }
-        assert_eq!(total, 5000, "the reopened store holds every acknowledged transfer");
+        assert_eq!(
+            total, 5000,
+            "the reopened store holds every acknowledged transfer"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
