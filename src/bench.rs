@@ -54,6 +54,7 @@ const SINGLE_USE_ATTEMPTS: usize = 4;
 /// One operation the tool measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Op {
     Health,
     Issue,
