@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod bench;
 pub mod cli;
 pub mod clients;
 pub mod config;

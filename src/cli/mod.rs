@@ -4,6 +4,7 @@
 //! Exit codes: 0 done; 1 declined (an authorisation or reversal said no);
 //! 2 usage or input error; 3 the service could not be reached or failed.
 
+mod bench;
 mod remote;
 
 use std::path::PathBuf;
@@ -89,6 +90,8 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// Measure the service under load (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
 }
@@ -224,6 +227,7 @@ pub fn main() -> ExitCode {
             data_dir,
             keys_dir,
         } => restore(&from, &data_dir, &keys_dir),
+        Command::Bench(args) => bench::run(args),
         Command::Remote(cmd) => remote::run(cmd),
     }
 }

@@ -5,6 +5,7 @@
 mod access;
 mod authorize;
 mod backup;
+mod bench;
 mod binary;
 mod concurrency;
 mod crash;

@@ -1,0 +1,68 @@
+//! The load tool runs against a test server and reports sane numbers: some
+//! throughput for every operation, no errors, no overspend. (No timing
+//! assertions: the figures themselves are measured by hand, BENCHMARKS.md.)
+
+use std::time::Duration;
+
+use vcn::bench::{self, Op, Options, Target};
+use vcn::clients::Role;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
+    let server = TestServer::start().await;
+    let target = Target {
+        url: format!("http://{}", server.addr),
+        cards_key: server.add_client("bench-cards", Role::Cards, None),
+        switch_key: server.add_client("bench-switch", Role::Switch, None),
+    };
+    let opts = Options {
+        concurrency: 16,
+        connections: 2,
+        duration: Duration::from_millis(400),
+        pool_cards: 32,
+        // Small enough that the hot card runs out: its cap must hold.
+        hot_cap: 5_000,
+        ..Options::default()
+    };
+    let report = bench::run(&target, &opts).await.expect("bench runs");
+    let text = report.text();
+    assert_eq!(report.rounds.len(), 1);
+    let ops: Vec<Op> = report.rounds[0].ops.iter().map(|o| o.op).collect();
+    assert_eq!(ops, Op::ALL.to_vec());
+    for o in &report.rounds[0].ops {
+        assert!(o.throughput > 0.0 && o.calls > 0, "{text}");
+        assert_eq!(o.errors, 0, "{:?}: {:?}\n{text}", o.op, o.first_error);
+        assert!(o.p50_us > 0 && o.p50_us <= o.p99_us && o.p99_us <= o.max_us);
+        assert!(o.ratio_to_floor.is_some_and(|r| r > 0.0));
+    }
+    let c = &report.checks;
+    assert!(c.ok, "{:?}", c.problems);
+    assert_eq!(
+        c.hot_spent, c.hot_approved_sum,
+        "spent is the sum of approvals"
+    );
+    assert!(c.hot_spent <= 5_000, "the hot card never exceeds its cap");
+    assert_eq!(c.hot_approvals, 50, "the cap was reached exactly");
+    assert_eq!(c.pool_mismatches, 0);
+    assert!(c.pool_cards_checked >= 32);
+    assert_eq!(
+        (c.single_use_cards_checked, c.single_use_violations),
+        (32, 0)
+    );
+    assert!(report.passed());
+    // Nothing the tool prints or writes holds a full card number.
+    let json = serde_json::to_string(&report).unwrap();
+    for out in [&text, &json] {
+        assert!(!out.contains(FUNDING), "a full number in the output");
+        // (Digits after a decimal point are fractions, not numbers.)
+        let longest_digit_run = out
+            .split(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|t| !t.contains('.'))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest_digit_run < 13, "a card-number-like run of digits");
+    }
+}
