@@ -16,12 +16,12 @@ use crate::support::*;
 #[tokio::test]
 async fn a_call_past_the_server_deadline_gets_deadline_exceeded_and_the_server_goes_on() {
     let (server, chaos) = TestServer::start_chaos(|d| Config {
-        request_timeout_ms: 100,
+        request_timeout_ms: 1000,
         ..config_in(d)
     })
     .await;
     let (mut cards, _) = server.clients().await;
-    chaos.set_update_delay(Duration::from_millis(400));
+    chaos.set_update_delay(Duration::from_millis(3000));
     let err = cards.issue_card(issue_req("alice", 100)).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     chaos.set_update_delay(Duration::ZERO);
