@@ -663,16 +663,7 @@ impl Vault {
                     published = true;
                     Ok((card, writes))
                 };
-                match step() {
-                    Ok((card, writes)) => {
-                        result = Ok(card);
-                        writes
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        vec![]
-                    }
-                }
+                outcome_writes(&mut result, step())
             })
             .await?;
         if let Ok(card) = &result {
@@ -1125,16 +1116,7 @@ impl Vault {
                     }
                     Ok((outcome, writes))
                 };
-                match step() {
-                    Ok((o, w)) => {
-                        result = Ok(o);
-                        w
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        vec![]
-                    }
-                }
+                outcome_writes(&mut result, step())
             })
             .await?;
         if let (true, Some(owner), Ok(_)) = (published, &owner, &result) {
@@ -1237,6 +1219,24 @@ impl Vault {
     /// Makes everything written so far durable (used at shutdown).
     pub async fn sync(&self) -> Result<(), VaultError> {
         Ok(self.store.sync().await?)
+    }
+}
+
+/// Inside an update's decision: keeps its outcome in `result` (read once
+/// the update returns) and hands the store the writes, none on an error.
+fn outcome_writes<T>(
+    result: &mut Result<T, VaultError>,
+    step: Result<(T, Vec<Write>), VaultError>,
+) -> Vec<Write> {
+    match step {
+        Ok((outcome, writes)) => {
+            *result = Ok(outcome);
+            writes
+        }
+        Err(e) => {
+            *result = Err(e);
+            vec![]
+        }
     }
 }
 

@@ -29,10 +29,8 @@
 //! during COMMIT the outcome is unknown and the update reports Unavailable,
 //! so nothing is ever acknowledged that was not committed.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -448,20 +446,6 @@ impl PostgresStore {
         Ok(version)
     }
 
-    fn stripes(keys: &[Vec<u8>]) -> Vec<usize> {
-        let mut s: Vec<usize> = keys
-            .iter()
-            .map(|k| {
-                let mut h = DefaultHasher::new();
-                k.hash(&mut h);
-                (h.finish() as usize) % STRIPES
-            })
-            .collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    }
-
     /// One attempt of an update on `client`.
     async fn try_update(
         &self,
@@ -658,7 +642,7 @@ impl Store for PostgresStore {
         // a bounded time (a database that stopped answering must not pile
         // up every request for a hot card).
         let mut guards: Vec<MutexGuard<'_, ()>> = Vec::new();
-        for i in Self::stripes(keys) {
+        for i in crate::vault::store::lock_stripes(keys, STRIPES) {
             match tokio::time::timeout(self.options.timeout * 2, self.locks[i].lock()).await {
                 Ok(g) => guards.push(g),
                 Err(_) => {

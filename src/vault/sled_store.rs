@@ -21,8 +21,6 @@
 //! write reopens sled, which recovers to its last durable state (never
 //! acknowledged writes are gone, as they were never acknowledged).
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -293,20 +291,6 @@ impl SledStore {
             .unwrap_or(0)
     }
 
-    fn stripes(&self, keys: &[Vec<u8>]) -> Vec<usize> {
-        let mut s: Vec<usize> = keys
-            .iter()
-            .map(|k| {
-                let mut h = DefaultHasher::new();
-                k.hash(&mut h);
-                (h.finish() as usize) % STRIPES
-            })
-            .collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    }
-
     /// Records a write failure: later writes are refused until a reopen.
     fn mark_broken(&self, e: &StoreError) {
         if !self.broken.swap(true, Ordering::SeqCst) {
@@ -411,8 +395,7 @@ impl SledStore {
         self.writable()?;
         let engine = self.engine()?;
         let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
-        let _guards: Vec<MutexGuard<'_, ()>> = self
-            .stripes(keys)
+        let _guards: Vec<MutexGuard<'_, ()>> = crate::vault::store::lock_stripes(keys, STRIPES)
             .into_iter()
             // A poisoned stripe only means a decision panicked; the lock
             // still orders updates, so take it.

@@ -85,3 +85,20 @@ pub trait Store: Send + Sync + 'static {
 
 /// Receives one exported entry (key, value).
 pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + Send + 'a;
+
+/// The lock stripes (out of `stripes`) that `keys` fall in, sorted and
+/// without repeats: taking them in this order, two updates never deadlock.
+pub(crate) fn lock_stripes(keys: &[Vec<u8>], stripes: usize) -> Vec<usize> {
+    use std::hash::{Hash, Hasher};
+    let mut s: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            (h.finish() as usize) % stripes
+        })
+        .collect();
+    s.sort_unstable();
+    s.dedup();
+    s
+}
