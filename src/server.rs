@@ -66,8 +66,13 @@ fn has_data(dir: &Path) -> bool {
 /// installation when the configuration allows it. `existing` tells whether
 /// the vault (described by `vault`) already holds data.
 fn load_keys(config: &Config, existing: bool, vault: String) -> Result<Keyring, StartError> {
-    match keyfile::load(&config.keys_dir) {
-        Ok(master) => Ok(Keyring::single(&master)),
+    match keyfile::load_all(&config.keys_dir) {
+        Ok(masters) => Keyring::from_masters(&masters).ok_or_else(|| {
+            StartError::Keys(KeyFileError::Missing {
+                path: keyfile::master_key_path(&config.keys_dir),
+                dir: config.keys_dir.display().to_string(),
+            })
+        }),
         Err(e @ KeyFileError::Missing { .. }) => {
             if existing {
                 return Err(StartError::KeyLostForVault(e, vault));
@@ -85,6 +90,73 @@ fn load_keys(config: &Config, existing: bool, vault: String) -> Result<Keyring, 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Loads every key version in `keys_dir` (a re-read for a rotation).
+pub fn load_keyring(keys_dir: &Path) -> Result<Keyring, StartError> {
+    let masters = keyfile::load_all(keys_dir)?;
+    Keyring::from_masters(&masters).ok_or_else(|| {
+        StartError::Keys(KeyFileError::Missing {
+            path: keyfile::master_key_path(keys_dir),
+            dir: keys_dir.display().to_string(),
+        })
+    })
+}
+
+/// Re-reads the keys directory into the running vault (what SIGHUP does):
+/// a new version found there becomes the current one for new records,
+/// and the records of older versions are re-encrypted in the background.
+/// A keyring whose check values do not match the vault's is refused and
+/// the old one stays in force.
+pub async fn reload_keys(vault: &Arc<Vault>, keys_dir: &Path) -> Result<(), StartError> {
+    let keys = load_keyring(keys_dir)?;
+    vault.reload_keys(Arc::new(keys)).await?;
+    spawn_reencrypt(vault.clone());
+    Ok(())
+}
+
+/// Moves the records of older key versions to the current one, in the
+/// background, when more than one version is loaded.
+pub fn spawn_reencrypt(vault: Arc<Vault>) {
+    if vault.keys().versions().count() < 2 {
+        return;
+    }
+    tokio::spawn(async move {
+        match vault.reencrypt_all().await {
+            Ok(r) => tracing::info!(
+                cards = r.cards,
+                moved = r.moved,
+                "background re-encryption finished"
+            ),
+            Err(e) => tracing::error!(error = %e, "background re-encryption failed"),
+        }
+    });
+}
+
+/// Opens the vault of `config` (its keys and store), as the server and
+/// the offline key commands do.
+pub async fn open_vault(
+    config: &Config,
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> Result<Vault, StartError> {
+    let vault_config = config.vault()?;
+    let (keys, store) = match &config.store {
+        None => {
+            // Check the key before sled creates the data directory.
+            let keys = load_keys(
+                config,
+                has_data(&config.data_dir),
+                config.data_dir.display().to_string(),
+            )?;
+            (keys, open_store(config).await?)
+        }
+        Some(url) => {
+            let store = open_store(config).await?;
+            let existing = store.get(KEY_CHECK_VALUE).await?.is_some();
+            (load_keys(config, existing, url.describe())?, store)
+        }
+    };
+    Ok(Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?)
 }
 
 /// Opens the configured storage engine: sled in `data_dir`, or the
@@ -189,24 +261,7 @@ impl Service {
         config: &Config,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
-        let vault_config = config.vault()?;
-        let (keys, store) = match &config.store {
-            None => {
-                // Check the key before sled creates the data directory.
-                let keys = load_keys(
-                    config,
-                    has_data(&config.data_dir),
-                    config.data_dir.display().to_string(),
-                )?;
-                (keys, open_store(config).await?)
-            }
-            Some(url) => {
-                let store = open_store(config).await?;
-                let existing = store.get(KEY_CHECK_VALUE).await?.is_some();
-                (load_keys(config, existing, url.describe())?, store)
-            }
-        };
-        let vault = Vault::open(wrap(store), Arc::new(keys), vault_config, system_clock()).await?;
+        let vault = open_vault(config, wrap).await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -273,6 +328,9 @@ impl Service {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(watch_store(self.vault.clone(), health.clone()));
+        // Records left on an older key version (a rotation before a
+        // restart) move to the current one while serving.
+        spawn_reencrypt(self.vault.clone());
         let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
@@ -353,6 +411,10 @@ fn standard_status_codes<B>(mut res: http::Response<B>) -> http::Response<B> {
 /// Binds the configured address and serves until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let service = Service::open(&config).await?;
+    tokio::spawn(reload_on_sighup(
+        service.vault.clone(),
+        config.keys_dir.clone(),
+    ));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -360,6 +422,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             source,
         })?;
     service.serve(listener, shutdown_signal()).await
+}
+
+/// Reloads the keys directory on every SIGHUP (key rotation without a
+/// restart).
+async fn reload_on_sighup(vault: Arc<Vault>, keys_dir: std::path::PathBuf) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: key reload needs a restart");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the keys directory");
+        if let Err(e) = reload_keys(&vault, &keys_dir).await {
+            tracing::error!(error = %e, "keys not reloaded; the keys in force stay");
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

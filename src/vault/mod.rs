@@ -11,7 +11,7 @@ pub mod records;
 pub mod sled_store;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use time::OffsetDateTime;
 
@@ -24,8 +24,9 @@ use crate::domain::{
 };
 use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
 use crate::vault::records::{
-    card_key, decode, funding_key, idempotency_key, owner_key, owner_prefix, pan_key, reversal_key,
-    txn_key, CardRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
+    card_key, decode, funding_key, funding_prefix, idempotency_key, kcv_key, owner_key,
+    owner_prefix, pan_key, pan_prefix, reversal_key, txn_key, version_or_1, CardRecord,
+    IdempotencyRecord, ReversalRecord, TxnRecord, CARD_PREFIX, KCV_PREFIX, KEY_CHECK_VALUE,
 };
 pub use crate::vault::store::{Store, StoreError, Write};
 
@@ -216,9 +217,39 @@ pub struct Detokenized {
 /// How many numbers to draw before giving up on a crowded BIN.
 const MAX_NUMBER_DRAWS: usize = 32;
 
+/// What still needs one key version (see [`Vault::key_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub version: u32,
+    /// Cards whose data key is wrapped under this version's KEK.
+    pub sealed: u64,
+    /// Card number index entries under this version's index key.
+    pub pan_index: u64,
+    /// Funding number index entries under this version's index key.
+    pub funding_index: u64,
+    /// Live cards (not used, closed or expired) whose printed CVV derives
+    /// from this version's CVV key.
+    pub live_cvv: u64,
+}
+
+impl KeyUsage {
+    /// Records that cannot be served without this version.
+    pub fn total(&self) -> u64 {
+        self.sealed + self.pan_index + self.funding_index + self.live_cvv
+    }
+}
+
+/// What a re-encryption pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reencrypted {
+    pub cards: u64,
+    pub moved: u64,
+}
+
 pub struct Vault {
     store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
+    /// The keyring, replaced whole when keys are reloaded (rotation).
+    keys: RwLock<Arc<Keyring>>,
     config: VaultConfig,
     clock: Clock,
 }
@@ -233,37 +264,29 @@ impl Vault {
         config: VaultConfig,
         clock: Clock,
     ) -> Result<Vault, VaultError> {
-        let vault = Vault {
+        check_keys(store.as_ref(), &keys).await?;
+        Ok(Vault {
             store,
-            keys,
+            keys: RwLock::new(keys),
             config,
             clock,
-        };
-        vault.check_keys().await?;
-        Ok(vault)
+        })
     }
 
-    async fn check_keys(&self) -> Result<(), VaultError> {
-        let kcv_key = records::KEY_CHECK_VALUE.to_vec();
-        let ours = self.keys.current().check_value().as_bytes().to_vec();
-        let mut stored = None;
-        self.store
-            .update(std::slice::from_ref(&kcv_key), &mut |v| {
-                stored = v[0].clone();
-                match &v[0] {
-                    Some(_) => vec![],
-                    None => vec![Write::Put(kcv_key.clone(), ours.clone())],
-                }
-            })
-            .await?;
-        match stored {
-            Some(s) if s != ours => Err(VaultError::FailedPrecondition(format!(
-                "the master key (check value {}) is not the one this vault was written with (check value {}): start with the right keys directory",
-                self.keys.current().check_value(),
-                String::from_utf8_lossy(&s)
-            ))),
-            _ => Ok(()),
-        }
+    /// The keyring in force (cheap: a shared pointer).
+    pub fn keys(&self) -> Arc<Keyring> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the keyring while serving (key rotation), after checking
+    /// it against the check values the vault recorded. Calls in flight
+    /// finish with the keyring they started with.
+    pub async fn reload_keys(&self, keys: Arc<Keyring>) -> Result<(), VaultError> {
+        check_keys(self.store.as_ref(), &keys).await?;
+        let versions: Vec<u32> = keys.versions().collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        tracing::info!(?versions, "keyring reloaded");
+        Ok(())
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -272,24 +295,30 @@ impl Vault {
 
     fn random_id(&self, prefix: &str) -> Result<String, VaultError> {
         let mut b = [0u8; CardId::RANDOM_BYTES];
-        self.keys
+        self.keys()
             .fill_random(&mut b)
             .map_err(|e| VaultError::Internal(e.to_string()))?;
         Ok(format!("{prefix}{}", hex::encode(b)))
     }
 
     /// The card a number belongs to, under any loaded index key version.
+    /// While several versions are loaded a re-encryption may move the entry
+    /// from an old version to the newest between two reads, so a miss is
+    /// checked once more (a card moves at most once per rotation).
     async fn find_card(&self, pan: &Pan) -> Result<Option<CardId>, VaultError> {
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
-                .pan_index(v, pan)
-                .map_err(|e| VaultError::Internal(e.to_string()))?;
-            if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
-                let id = String::from_utf8(id).unwrap_or_default();
-                return CardId::parse("card_id", &id).map(Some).map_err(|_| {
-                    VaultError::Internal("a stored number index entry is unreadable".into())
-                });
+        let keys = self.keys();
+        let passes = if keys.versions().count() > 1 { 2 } else { 1 };
+        for _ in 0..passes {
+            for v in keys.index_versions() {
+                let idx = keys
+                    .pan_index(v, pan)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
+                    let id = String::from_utf8(id).unwrap_or_default();
+                    return CardId::parse("card_id", &id).map(Some).map_err(|_| {
+                        VaultError::Internal("a stored number index entry is unreadable".into())
+                    });
+                }
             }
         }
         Ok(None)
@@ -297,13 +326,16 @@ impl Vault {
 
     /// Whether `pan` was ever seen as a funding card, under any version.
     async fn is_known_funding(&self, pan: &Pan) -> Result<bool, VaultError> {
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
-                .pan_index(v, pan)
-                .map_err(|e| VaultError::Internal(e.to_string()))?;
-            if self.store.get(&funding_key(v, &idx)).await?.is_some() {
-                return Ok(true);
+        let keys = self.keys();
+        let passes = if keys.versions().count() > 1 { 2 } else { 1 };
+        for _ in 0..passes {
+            for v in keys.index_versions() {
+                let idx = keys
+                    .pan_index(v, pan)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                if self.store.get(&funding_key(v, &idx)).await?.is_some() {
+                    return Ok(true);
+                }
             }
         }
         Ok(false)
@@ -318,7 +350,12 @@ impl Vault {
         decode("card", &bytes)
     }
 
-    fn issue_fingerprint(&self, req: &IssueRequest) -> Vec<u8> {
+    fn issue_fingerprint(
+        &self,
+        keys: &Keyring,
+        version: u32,
+        req: &IssueRequest,
+    ) -> Result<Vec<u8>, VaultError> {
         let p = &req.policy;
         let money = |m: Option<Money>| {
             m.map(|m| format!("{}{}", m.amount_minor(), m.currency()))
@@ -329,33 +366,40 @@ impl Vault {
             .valid_until
             .map(|t| t.unix_timestamp().to_string())
             .unwrap_or_default();
-        self.keys.fingerprint(&[
-            b"issue",
-            req.funding_pan.expose().as_bytes(),
-            money(Some(p.spend_limit)).as_bytes(),
-            money(p.per_transaction_limit).as_bytes(),
-            &p.max_uses.max(1).to_be_bytes(),
-            valid_until.as_bytes(),
-            p.merchant_id
-                .as_ref()
-                .map(MerchantId::as_str)
-                .unwrap_or("")
-                .as_bytes(),
-            &[u8::from(p.lock_to_first_merchant)],
-            mccs(&p.allowed_mccs).as_bytes(),
-            mccs(&p.blocked_mccs).as_bytes(),
-        ])
+        keys.fingerprint(
+            version,
+            &[
+                b"issue",
+                req.funding_pan.expose().as_bytes(),
+                money(Some(p.spend_limit)).as_bytes(),
+                money(p.per_transaction_limit).as_bytes(),
+                &p.max_uses.max(1).to_be_bytes(),
+                valid_until.as_bytes(),
+                p.merchant_id
+                    .as_ref()
+                    .map(MerchantId::as_str)
+                    .unwrap_or("")
+                    .as_bytes(),
+                &[u8::from(p.lock_to_first_merchant)],
+                mccs(&p.allowed_mccs).as_bytes(),
+                mccs(&p.blocked_mccs).as_bytes(),
+            ],
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))
     }
 
     /// The card an idempotency key already made, with its number and CVV.
     async fn replay_issue(
         &self,
         record: &[u8],
-        fingerprint: &[u8],
+        req: &IssueRequest,
         scope: Scope<'_>,
     ) -> Result<IssuedCard, VaultError> {
+        let keys = self.keys();
         let idem: IdempotencyRecord = decode("idempotency", record)?;
-        if idem.fingerprint != fingerprint {
+        let fingerprint =
+            self.issue_fingerprint(&keys, version_or_1(idem.fingerprint_version), req);
+        if fingerprint.ok().as_ref() != Some(&idem.fingerprint) {
             return Err(VaultError::AlreadyExists(
                 "idempotency_key was already used for a card with other parameters".into(),
             ));
@@ -368,11 +412,12 @@ impl Vault {
         if !scope.allows(&card.owner) {
             return Err(VaultError::NotFound(format!("card {id}")));
         }
-        let pan = self
-            .keys
+        let pan = keys
             .open_token(id.as_str(), &rec.sealed()?)
             .map_err(crypto_error(id.as_str()))?;
-        let cvv = self.keys.cvv(&pan, card.expiry);
+        let cvv = keys
+            .cvv(version_or_1(rec.cvv_key_version), &pan, card.expiry)
+            .map_err(crypto_error(id.as_str()))?;
         Ok(IssuedCard {
             card,
             pan,
@@ -394,7 +439,9 @@ impl Vault {
             .check_len(req.funding_pan.len())
             .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
 
-        let fingerprint = self.issue_fingerprint(&req);
+        let keys = self.keys();
+        let version = keys.current_version();
+        let fingerprint = self.issue_fingerprint(&keys, version, &req)?;
         let idem_key = req
             .idempotency_key
             .as_deref()
@@ -402,7 +449,7 @@ impl Vault {
         if let Some(k) = &idem_key {
             if let Some(existing) = self.store.get(k).await? {
                 return self
-                    .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                    .replay_issue(&existing, &req, Scope::Owner(&req.owner))
                     .await;
             }
         }
@@ -414,17 +461,13 @@ impl Vault {
             .into());
         }
 
-        let version = self.keys.current_version();
         let crypto = |e: CryptoError| VaultError::Internal(e.to_string());
-        let funding_idx = self
-            .keys
-            .pan_index(version, &req.funding_pan)
-            .map_err(crypto)?;
+        let funding_idx = keys.pan_index(version, &req.funding_pan).map_err(crypto)?;
         let expiry = Expiry::of(policy.valid_until);
 
         for _ in 0..MAX_NUMBER_DRAWS {
             let pan = {
-                let mut rng = RandomDigits::new(&self.keys);
+                let mut rng = RandomDigits::new(&keys);
                 let pan = self
                     .config
                     .plan
@@ -443,7 +486,7 @@ impl Vault {
             {
                 continue;
             }
-            let idx = self.keys.pan_index(version, &pan).map_err(crypto)?;
+            let idx = keys.pan_index(version, &pan).map_err(crypto)?;
             let id = CardId::parse("card_id", &self.random_id("vc_")?)?;
             let card = Card {
                 id: id.clone(),
@@ -458,11 +501,13 @@ impl Vault {
                 failed_verifications: 0,
                 created_at: now,
             };
-            let sealed = self
-                .keys
+            let sealed = keys
                 .seal(id.as_str(), &req.funding_pan, &pan)
                 .map_err(crypto)?;
-            let record = prost::Message::encode_to_vec(&CardRecord::new(&card, &sealed));
+            let cvv = keys.cvv(version, &pan, expiry).map_err(crypto)?;
+            let mut card_record = CardRecord::new(&card, &sealed);
+            card_record.cvv_key_version = version;
+            let record = prost::Message::encode_to_vec(&card_record);
 
             let mut keys = vec![pan_key(version, &idx), funding_key(version, &idx)];
             keys.extend(idem_key.clone());
@@ -493,6 +538,7 @@ impl Vault {
                         let rec = IdempotencyRecord {
                             fingerprint: fingerprint.clone(),
                             card_id: id.as_str().to_string(),
+                            fingerprint_version: version,
                         };
                         w.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&rec)));
                     }
@@ -503,11 +549,10 @@ impl Vault {
                 Outcome::Collision => continue,
                 Outcome::IdempotencyRace(existing) => {
                     return self
-                        .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                        .replay_issue(&existing, &req, Scope::Owner(&req.owner))
                         .await
                 }
                 Outcome::Created => {
-                    let cvv = self.keys.cvv(&pan, expiry);
                     tracing::info!(card_id = %id, pan = %card.masked_pan, owner = %card.owner, "card issued");
                     return Ok(IssuedCard {
                         card,
@@ -646,42 +691,52 @@ impl Vault {
         .await
     }
 
-    fn authorize_fingerprint(&self, req: &AuthorizeRequest) -> Vec<u8> {
+    fn authorize_fingerprint(
+        keys: &Keyring,
+        version: u32,
+        req: &AuthorizeRequest,
+    ) -> Result<Vec<u8>, VaultError> {
         let digits = req.pan.digits();
-        self.keys.fingerprint(&[
-            b"authorize",
-            req.transaction_id.as_bytes(),
-            digits.as_bytes(),
-            req.expiry.mmyy().as_bytes(),
-            req.cvv.expose().as_bytes(),
-            &req.amount.amount_minor().to_be_bytes(),
-            req.amount.currency().code().as_bytes(),
-            req.merchant_id
-                .as_ref()
-                .map(MerchantId::as_str)
-                .unwrap_or("")
-                .as_bytes(),
-            req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
-        ])
+        keys.fingerprint(
+            version,
+            &[
+                b"authorize",
+                req.transaction_id.as_bytes(),
+                digits.as_bytes(),
+                req.expiry.mmyy().as_bytes(),
+                req.cvv.expose().as_bytes(),
+                &req.amount.amount_minor().to_be_bytes(),
+                req.amount.currency().code().as_bytes(),
+                req.merchant_id
+                    .as_ref()
+                    .map(MerchantId::as_str)
+                    .unwrap_or("")
+                    .as_bytes(),
+                req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
+            ],
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))
     }
 
     /// Decides one authorisation, exactly once per transaction id.
     pub async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, VaultError> {
         let now = self.now();
-        let fingerprint = self.authorize_fingerprint(req);
+        let keys = self.keys();
+        let fingerprint = Self::authorize_fingerprint(&keys, keys.current_version(), req)?;
         let card_id = match &req.pan {
             Presented::Pan(p) => self.find_card(p).await?,
             Presented::BadLuhn(_) => None,
         };
         let authorization_id = self.random_id("au_")?;
         let tkey = txn_key(&req.transaction_id);
-        let mut keys = vec![tkey.clone()];
-        keys.extend(card_id.as_ref().map(card_key));
+        let mut store_keys = vec![tkey.clone()];
+        store_keys.extend(card_id.as_ref().map(card_key));
 
         let mut result: Result<AuthorizeOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
         self.store
-            .update(&keys, &mut |v| match self.decide(
+            .update(&store_keys, &mut |v| match self.decide(
+                &keys,
                 req,
                 &fingerprint,
                 card_id.as_ref(),
@@ -717,8 +772,10 @@ impl Vault {
 
     /// The pure part of `authorize`, run under the store's lock: from the
     /// current transaction and card records to the answer and the writes.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
+        keys: &Keyring,
         req: &AuthorizeRequest,
         fingerprint: &[u8],
         card_id: Option<&CardId>,
@@ -736,8 +793,7 @@ impl Vault {
             None => None,
         };
         let funding = |rec: &CardRecord| {
-            self.keys
-                .open_funding(&rec.card_id, &rec.sealed()?)
+            keys.open_funding(&rec.card_id, &rec.sealed()?)
                 .map_err(crypto_error(&rec.card_id))
         };
 
@@ -745,7 +801,15 @@ impl Vault {
         // answer, another request gets 94.
         if let Some(bytes) = &v[0] {
             let t: TxnRecord = decode("transaction", bytes)?;
-            if t.fingerprint != fingerprint {
+            let stored_version = version_or_1(t.fingerprint_version);
+            let same = if stored_version == keys.current_version() {
+                t.fingerprint == fingerprint
+            } else {
+                // Decided before a key rotation: compare under its version.
+                Self::authorize_fingerprint(keys, stored_version, req).ok()
+                    == Some(t.fingerprint.clone())
+            };
+            if !same {
                 return Ok((
                     AuthorizeOutcome {
                         code: ResponseCode::DuplicateTransaction,
@@ -784,6 +848,7 @@ impl Vault {
             amount: req.amount.amount_minor(),
             currency: req.amount.currency().code().to_string(),
             decided_at: now.unix_timestamp(),
+            fingerprint_version: keys.current_version(),
             ..Default::default()
         };
         let (Some(mut rec), Some(id), Presented::Pan(pan)) = (card_rec, card_id, &req.pan) else {
@@ -806,9 +871,21 @@ impl Vault {
         };
 
         let mut card = rec.card()?;
+        let cvv_ok = match keys.verify_cvv(
+            version_or_1(rec.cvv_key_version),
+            pan,
+            card.expiry,
+            &req.cvv,
+        ) {
+            Ok(ok) => ok,
+            // The CVV key of a card that can no longer approve (final or
+            // expired) may be retired: its state or expiry declines it.
+            Err(_) if card.state.is_final() || now > card.policy.valid_until => true,
+            Err(e) => return Err(crypto_error(id.as_str())(e)),
+        };
         let attempt = Attempt {
             expiry: req.expiry,
-            cvv_ok: self.keys.verify_cvv(pan, card.expiry, &req.cvv),
+            cvv_ok,
             amount: req.amount,
             merchant_id: req.merchant_id.as_ref(),
             mcc: req.mcc,
@@ -870,33 +947,47 @@ impl Vault {
                 )))
             }
         };
-        let fingerprint = self.keys.fingerprint(&[
-            b"reverse",
-            req.transaction_id.as_bytes(),
-            req.amount
-                .map(|m| format!("{}{}", m.amount_minor(), m.currency()))
-                .unwrap_or_default()
-                .as_bytes(),
-        ]);
+        let keys = self.keys();
+        let reverse_fingerprint = |version: u32| {
+            keys.fingerprint(
+                version,
+                &[
+                    b"reverse",
+                    req.transaction_id.as_bytes(),
+                    req.amount
+                        .map(|m| format!("{}{}", m.amount_minor(), m.currency()))
+                        .unwrap_or_default()
+                        .as_bytes(),
+                ],
+            )
+            .map_err(|e| VaultError::Internal(e.to_string()))
+        };
+        let fingerprint = reverse_fingerprint(keys.current_version())?;
         let card_id = CardId::parse("card_id", &txn.card_id).ok();
-        let mut keys = vec![tkey.clone()];
-        keys.push(
+        let mut store_keys = vec![tkey.clone()];
+        store_keys.push(
             card_id
                 .as_ref()
                 .map(card_key)
                 .unwrap_or_else(|| tkey.clone()),
         );
         let rkey = req.reversal_id.as_deref().map(reversal_key);
-        keys.extend(rkey.clone());
+        store_keys.extend(rkey.clone());
 
         let mut result: Result<ReverseOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
         self.store
-            .update(&keys, &mut |v| {
+            .update(&store_keys, &mut |v| {
                 let step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
                     if let (Some(Some(prev)), Some(_)) = (v.get(2), &rkey) {
                         let r: ReversalRecord = decode("reversal", prev)?;
-                        if r.fingerprint != fingerprint {
+                        let stored_version = version_or_1(r.fingerprint_version);
+                        let same = if stored_version == keys.current_version() {
+                            r.fingerprint == fingerprint
+                        } else {
+                            reverse_fingerprint(stored_version).ok() == Some(r.fingerprint.clone())
+                        };
+                        if !same {
                             return Ok((
                                 ReverseOutcome {
                                     reversed: false,
@@ -980,6 +1071,7 @@ impl Vault {
                             response_code: outcome.response_code.to_string(),
                             remaining: outcome.remaining.map(Money::amount_minor),
                             currency: card.policy.spend_limit.currency().code().to_string(),
+                            fingerprint_version: keys.current_version(),
                         };
                         writes.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&r)));
                     }
@@ -1010,7 +1102,7 @@ impl Vault {
         let rec = self.load(&id).await?;
         let card = rec.card()?;
         let funding_pan = self
-            .keys
+            .keys()
             .open_funding(id.as_str(), &rec.sealed()?)
             .map_err(crypto_error(id.as_str()))?;
         tracing::info!(card_id = %id, pan = %pan.masked(), "number detokenised");
@@ -1029,6 +1121,302 @@ impl Vault {
     /// Makes everything written so far durable (used at shutdown).
     pub async fn sync(&self) -> Result<(), VaultError> {
         Ok(self.store.sync().await?)
+    }
+}
+
+/// Checks every version of `keys` against the check value the vault
+/// recorded for it (recording it the first time), and that every version
+/// the vault recorded and did not retire is loaded.
+async fn check_keys(store: &dyn Store, keys: &Keyring) -> Result<(), VaultError> {
+    for v in keys.versions() {
+        let key = kcv_key(v);
+        let ours = keys.check_value(v).unwrap_or_default().as_bytes().to_vec();
+        let mut stored = None;
+        store
+            .update(std::slice::from_ref(&key), &mut |vals| {
+                stored = vals[0].clone();
+                match &vals[0] {
+                    Some(_) => vec![],
+                    None => vec![Write::Put(key.clone(), ours.clone())],
+                }
+            })
+            .await?;
+        if let Some(s) = stored.filter(|s| *s != ours) {
+            let which = if v == 1 {
+                "the master key".to_string()
+            } else {
+                format!("the master key of version {v}")
+            };
+            return Err(VaultError::FailedPrecondition(format!(
+                "{which} (check value {}) is not the one this vault was written with (check value {}): start with the right keys directory",
+                keys.check_value(v).unwrap_or_default(),
+                String::from_utf8_lossy(&s)
+            )));
+        }
+    }
+    let loaded: Vec<u32> = keys.versions().collect();
+    for v in recorded_versions(store).await? {
+        if !loaded.contains(&v) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {v} holds data in this vault but is not in the keys directory (it was never retired with `vcn keys retire {v}`): restore its key file or components"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The key versions whose check value the vault holds (not retired).
+async fn recorded_versions(store: &dyn Store) -> Result<Vec<u32>, VaultError> {
+    let mut out = vec![];
+    if store.get(KEY_CHECK_VALUE).await?.is_some() {
+        out.push(1);
+    }
+    for (k, _) in store.scan(KCV_PREFIX, None, 10_000).await? {
+        if let Ok(b) = <[u8; 4]>::try_from(&k[KCV_PREFIX.len()..]) {
+            out.push(u32::from_be_bytes(b));
+        }
+    }
+    Ok(out)
+}
+
+/// Key rotation: what needs which version, moving records to the current
+/// version, and retiring a version nothing needs any more.
+impl Vault {
+    /// Calls `each` for every stored entry under `prefix`, page by page.
+    async fn for_each(
+        &self,
+        prefix: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), VaultError>,
+    ) -> Result<(), VaultError> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(prefix, after.as_deref(), 512).await?;
+            for (k, v) in &page {
+                each(k, v)?;
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 512 => after = Some(k.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// For every loaded or recorded key version, what still needs it.
+    pub async fn key_usage(&self) -> Result<Vec<KeyUsage>, VaultError> {
+        let keys = self.keys();
+        let mut versions: Vec<u32> = keys.versions().collect();
+        for v in recorded_versions(self.store.as_ref()).await? {
+            if !versions.contains(&v) {
+                versions.push(v);
+            }
+        }
+        versions.sort_unstable();
+        let mut usage: Vec<KeyUsage> = versions
+            .iter()
+            .map(|&version| KeyUsage {
+                version,
+                ..KeyUsage::default()
+            })
+            .collect();
+        let now = self.now().unix_timestamp();
+        self.for_each(CARD_PREFIX, |_, bytes| {
+            let rec: CardRecord = decode("card", bytes)?;
+            let sealed = rec.sealed.as_ref().map(|s| version_or_1(s.key_version));
+            let live = !matches!(rec.state, 4 | 5) && rec.valid_until >= now;
+            for u in usage.iter_mut() {
+                if sealed == Some(u.version) {
+                    u.sealed += 1;
+                }
+                if live && version_or_1(rec.cvv_key_version) == u.version {
+                    u.live_cvv += 1;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        for u in usage.iter_mut() {
+            let (mut p, mut f) = (0, 0);
+            self.for_each(&pan_prefix(u.version), |_, _| {
+                p += 1;
+                Ok(())
+            })
+            .await?;
+            self.for_each(&funding_prefix(u.version), |_, _| {
+                f += 1;
+                Ok(())
+            })
+            .await?;
+            (u.pan_index, u.funding_index) = (p, f);
+        }
+        Ok(usage)
+    }
+
+    /// Moves one card to the current key version: its data key re-wrapped
+    /// under the current KEK, its number and funding index entries re-made
+    /// under the current index key (the old ones removed), in one update,
+    /// so lookups find it at every moment. Its CVV key version is kept (the
+    /// CVV is printed on the card). Returns whether anything changed.
+    async fn reencrypt_card(&self, keys: &Keyring, id: &CardId) -> Result<bool, VaultError> {
+        let current = keys.current_version();
+        let crypto = crypto_error(id.as_str());
+        let rec = self.load(id).await?;
+        let sealed = rec.sealed()?;
+        let token = keys.open_token(id.as_str(), &sealed).map_err(&crypto)?;
+        let funding = keys.open_funding(id.as_str(), &sealed).map_err(&crypto)?;
+        let index = |v: u32| -> Result<(Vec<u8>, Vec<u8>), VaultError> {
+            Ok((
+                pan_key(v, &keys.pan_index(v, &token).map_err(&crypto)?),
+                funding_key(v, &keys.pan_index(v, &funding).map_err(&crypto)?),
+            ))
+        };
+        let (new_p, new_f) = index(current)?;
+        let mut names = vec![card_key(id), new_p.clone(), new_f.clone()];
+        for v in keys.versions().filter(|&v| v != current) {
+            let (p, f) = index(v)?;
+            names.push(p);
+            names.push(f);
+        }
+        let id_bytes = id.as_str().as_bytes().to_vec();
+        let mut result: Result<bool, VaultError> = Ok(false);
+        self.store
+            .update(&names, &mut |vals| {
+                let step = || -> Result<Vec<Write>, VaultError> {
+                    let Some(bytes) = &vals[0] else {
+                        return Ok(vec![]);
+                    };
+                    let mut rec: CardRecord = decode("card", bytes)?;
+                    let sealed = rec.sealed()?;
+                    let mut writes = vec![];
+                    if sealed.key_version != current {
+                        let moved = keys.rewrap(id.as_str(), &sealed).map_err(&crypto)?;
+                        rec.sealed = Some(records::SealedRecord {
+                            key_version: moved.key_version,
+                            wrapped_dek: moved.wrapped_dek,
+                            funding_pan: moved.funding_pan,
+                            token_pan: moved.token_pan,
+                        });
+                        writes.push(Write::Put(
+                            names[0].clone(),
+                            prost::Message::encode_to_vec(&rec),
+                        ));
+                    }
+                    let mut old_p = false;
+                    let mut old_f = false;
+                    for (i, pair) in vals[3..].chunks(2).enumerate() {
+                        if pair[0].as_deref() == Some(&id_bytes[..]) {
+                            writes.push(Write::Delete(names[3 + 2 * i].clone()));
+                            old_p = true;
+                        }
+                        if pair.get(1).is_some_and(Option::is_some) {
+                            writes.push(Write::Delete(names[4 + 2 * i].clone()));
+                            old_f = true;
+                        }
+                    }
+                    if old_p || vals[1].is_none() {
+                        writes.push(Write::Put(new_p.clone(), id_bytes.clone()));
+                    }
+                    if old_f || vals[2].is_none() {
+                        writes.push(Write::Put(new_f.clone(), vec![]));
+                    }
+                    Ok(writes)
+                };
+                match step() {
+                    Ok(w) => {
+                        result = Ok(!w.is_empty());
+                        w
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        result
+    }
+
+    /// Moves every card to the current key version, while the service
+    /// serves (each card in its own short update). Cards that fail to move
+    /// are logged by id and counted as an error at the end.
+    pub async fn reencrypt_all(&self) -> Result<Reencrypted, VaultError> {
+        let keys = self.keys();
+        let mut done = Reencrypted::default();
+        let mut failed = 0u64;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(CARD_PREFIX, after.as_deref(), 256).await?;
+            for (k, _) in &page {
+                let Some(id) = std::str::from_utf8(&k[CARD_PREFIX.len()..])
+                    .ok()
+                    .and_then(|s| CardId::parse("card_id", s).ok())
+                else {
+                    failed += 1;
+                    continue;
+                };
+                done.cards += 1;
+                match self.reencrypt_card(&keys, &id).await {
+                    Ok(true) => done.moved += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(card_id = %id, error = %e, "card could not be re-encrypted");
+                    }
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 256 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        tracing::info!(
+            cards = done.cards,
+            moved = done.moved,
+            failed,
+            version = keys.current_version(),
+            "re-encryption pass done"
+        );
+        if failed > 0 {
+            return Err(VaultError::Internal(format!(
+                "{failed} cards could not be re-encrypted (see the log); the old key version is still needed"
+            )));
+        }
+        Ok(done)
+    }
+
+    /// Forgets key `version` in the vault: refused while the current
+    /// version, or while any record still needs it (saying how many).
+    /// After this the vault starts without that version's key.
+    pub async fn retire_version(&self, version: u32) -> Result<(), VaultError> {
+        let keys = self.keys();
+        if version == keys.current_version() {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {version} is the current one: rotate first (`vcn keys rotate`)"
+            )));
+        }
+        let usage = self
+            .key_usage()
+            .await?
+            .into_iter()
+            .find(|u| u.version == version)
+            .ok_or_else(|| VaultError::NotFound(format!("key version {version}")))?;
+        if usage.total() > 0 {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {version} is still needed by {} records ({} cards sealed under it, {} number and {} funding index entries, {} live cards whose CVV derives from it): run `vcn keys reencrypt`, and wait for those cards to end, before retiring it",
+                usage.total(),
+                usage.sealed,
+                usage.pan_index,
+                usage.funding_index,
+                usage.live_cvv
+            )));
+        }
+        let key = kcv_key(version);
+        self.store
+            .update(std::slice::from_ref(&key), &mut |_| {
+                vec![Write::Delete(key.clone())]
+            })
+            .await?;
+        tracing::info!(version, "key version retired");
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@
 //! | `r/` reversal id | [`ReversalRecord`] |
 //! | `o/` owner, 0, newest-first time, card id | empty: the owner's list |
 //! | `i/` owner, 0, idempotency key | [`IdempotencyRecord`] |
-//! | `m/` name | vault metadata (key check value) |
+//! | `m/` name | vault metadata (key check values per version) |
 
 use prost::Message;
 use time::OffsetDateTime;
@@ -62,7 +62,31 @@ pub fn idempotency_key(owner: &Owner, key: &str) -> Vec<u8> {
     [b"i/", owner.as_str().as_bytes(), b"\0", key.as_bytes()].concat()
 }
 
+/// The check value of key version 1 (the name predates rotation).
 pub const KEY_CHECK_VALUE: &[u8] = b"m/key-check-value";
+/// The prefix of the check values of key versions 2 and up.
+pub const KCV_PREFIX: &[u8] = b"m/kcv/";
+
+/// Where the check value of key `version` is recorded.
+pub fn kcv_key(version: u32) -> Vec<u8> {
+    if version == 1 {
+        KEY_CHECK_VALUE.to_vec()
+    } else {
+        [KCV_PREFIX, &version.to_be_bytes()[..]].concat()
+    }
+}
+
+/// The prefix of the number index entries of one key version.
+pub fn pan_prefix(version: u32) -> Vec<u8> {
+    [&b"p/"[..], &version.to_be_bytes()].concat()
+}
+
+/// The prefix of the funding index entries of one key version.
+pub fn funding_prefix(version: u32) -> Vec<u8> {
+    [&b"f/"[..], &version.to_be_bytes()].concat()
+}
+
+pub const CARD_PREFIX: &[u8] = b"c/";
 
 #[derive(Clone, PartialEq, Message)]
 pub struct SealedRecord {
@@ -121,6 +145,10 @@ pub struct CardRecord {
     pub expiry_year: u32,
     #[prost(message, optional, tag = "21")]
     pub sealed: Option<SealedRecord>,
+    /// The key version whose CVV key derives this card's CVV (0: version
+    /// 1, records written before rotation existed).
+    #[prost(uint32, tag = "22")]
+    pub cvv_key_version: u32,
 }
 
 /// The answer given to one transaction id, kept to answer its retries.
@@ -149,6 +177,9 @@ pub struct TxnRecord {
     pub reversed: i64,
     #[prost(int64, tag = "9")]
     pub decided_at: i64,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "10")]
+    pub fingerprint_version: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -163,6 +194,9 @@ pub struct ReversalRecord {
     pub remaining: Option<i64>,
     #[prost(string, tag = "5")]
     pub currency: String,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "6")]
+    pub fingerprint_version: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -171,6 +205,14 @@ pub struct IdempotencyRecord {
     pub fingerprint: Vec<u8>,
     #[prost(string, tag = "2")]
     pub card_id: String,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "3")]
+    pub fingerprint_version: u32,
+}
+
+/// A stored key version number: 0 (absent in old records) is version 1.
+pub fn version_or_1(v: u32) -> u32 {
+    v.max(1)
 }
 
 pub fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, VaultError> {

@@ -10,6 +10,7 @@ mod crash;
 mod disk;
 mod engine;
 mod issue;
+mod keys;
 mod limits;
 mod persistence;
 mod postgres;

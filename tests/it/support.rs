@@ -41,6 +41,8 @@ pub type Switch = AuthorizationServiceClient<Chan>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The running server's vault (to drive key rotation as SIGHUP does).
+    pub vault: Arc<vcn::vault::Vault>,
     pub dir: Arc<TempDir>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
@@ -132,12 +134,14 @@ impl TestServer {
     async fn serve(service: Service, dir: Arc<TempDir>, config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let vault = service.vault.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(service.serve(listener, async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
+            vault,
             dir,
             config,
             stop: Some(tx),
