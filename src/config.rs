@@ -68,6 +68,13 @@ pub struct Config {
     pub drain_grace_ms: u64,
     /// Then: how long calls in flight get to finish before the server stops.
     pub drain_timeout_ms: u64,
+    /// The append-only audit log (JSON lines, HMAC-chained). Default:
+    /// `audit.log` beside the data directory.
+    pub audit_log: Option<PathBuf>,
+    /// This instance's name in the audit log. Instances sharing one
+    /// PostgreSQL database need distinct names (each seals its own entries
+    /// into its own log).
+    pub instance_name: String,
 }
 
 impl Default for Config {
@@ -93,6 +100,8 @@ impl Default for Config {
             max_concurrent_requests: 2048,
             drain_grace_ms: 500,
             drain_timeout_ms: 10_000,
+            audit_log: None,
+            instance_name: "vcn".into(),
         }
     }
 }
@@ -193,6 +202,17 @@ impl Config {
                 "max_failed_verifications must be at least 1".into(),
             ));
         }
+        let name_ok = !self.instance_name.is_empty()
+            && self.instance_name.len() <= 64
+            && self
+                .instance_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return Err(ConfigError::Invalid(
+                "instance_name must be 1 to 64 letters, digits, '.', '_' or '-'".into(),
+            ));
+        }
         Ok(VaultConfig {
             plan,
             bounds: PolicyBounds {
@@ -200,7 +220,16 @@ impl Config {
                 max_validity: time::Duration::days(self.max_validity_days),
             },
             max_failed_verifications: self.max_failed_verifications,
+            audit_instance: self.instance_name.clone(),
         })
+    }
+
+    /// Where the audit log is written.
+    pub fn audit_path(&self) -> PathBuf {
+        match &self.audit_log {
+            Some(p) => p.clone(),
+            None => self.data_dir.with_file_name("audit.log"),
+        }
     }
 
     pub fn postgres(&self) -> PostgresOptions {

@@ -7,10 +7,12 @@
 //!   shared one (several instances, one database);
 //! - [`api`]: the thin gRPC layer (decode, authenticate, call the vault, map
 //!   errors to `tonic::Status` in one place);
+//! - [`audit`]: the tamper-evident audit log;
 //! - [`server`], [`config`], [`clients`]: running it;
 //! - [`cli`]: the `vcn` command line.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clients;
 pub mod config;

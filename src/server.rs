@@ -53,6 +53,8 @@ pub enum StartError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Whether `dir` already holds data (an existing installation).
@@ -172,6 +174,49 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     })
 }
 
+/// How often pending audit entries are chained into the log file.
+const AUDIT_SEAL_EVERY: Duration = Duration::from_millis(200);
+
+/// Writes the refused calls the interceptors hand over, in batches. When
+/// `stop` fires it writes what is queued and ends.
+async fn audit_refusals(
+    vault: Arc<Vault>,
+    mut rx: tokio::sync::mpsc::Receiver<(crate::audit::Actor, crate::audit::Event)>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    tokio::pin!(stop);
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            match rx.try_recv() {
+                Ok(e) => e,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+                _ = &mut stop => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = vault.record_batch(&batch).await {
+            tracing::error!(error = %e, refused = batch.len(), "refused calls could not be audited");
+        }
+    }
+}
+
 /// Keeps the health service in step with the storage engine: NOT_SERVING
 /// while it cannot be reached, SERVING again once it can.
 async fn watch_store(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
@@ -224,6 +269,8 @@ pub struct Service {
     pub registry: Arc<Registry>,
     /// The limits and drain settings of the configuration.
     limits: Limits,
+    /// Chains the vault's pending audit entries into the audit log.
+    pub audit: Arc<crate::audit::Sealer>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -262,6 +309,13 @@ impl Service {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
         let vault = open_vault(config, wrap).await?;
+        let audit = crate::audit::Sealer::open(
+            vault.store(),
+            &config.keys_dir,
+            &config.audit_path(),
+            &config.instance_name,
+        )
+        .await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -272,6 +326,7 @@ impl Service {
             vault: Arc::new(vault),
             registry: Arc::new(registry),
             limits: Limits::of(config),
+            audit: Arc::new(audit),
         })
     }
 
@@ -296,10 +351,16 @@ impl Service {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
+        // Refused calls are audited by a task (the interceptor is sync).
+        let (refusals, refused) = tokio::sync::mpsc::channel(4096);
+        let (stop_auditor, auditor_stop) = tokio::sync::oneshot::channel();
+        let auditor = tokio::spawn(audit_refusals(self.vault.clone(), refused, auditor_stop));
+        let sealer = tokio::spawn(self.audit.clone().run(AUDIT_SEAL_EVERY));
         const ANY: &[Role] = &[Role::Cards, Role::Switch, Role::Admin];
         let reflection = InterceptedService::new(
             reflection,
-            Authenticator::new(self.registry.clone(), "ServerReflection", ANY),
+            Authenticator::new(self.registry.clone(), "ServerReflection", ANY)
+                .with_audit(refusals.clone()),
         );
 
         let limits = self.limits;
@@ -310,7 +371,8 @@ impl Service {
                 self.registry.clone(),
                 "CardService",
                 &[Role::Cards, Role::Admin],
-            ),
+            )
+            .with_audit(refusals.clone()),
         );
         let switch = InterceptedService::new(
             AuthorizationServiceServer::new(SwitchApi::new(self.vault.clone()))
@@ -319,7 +381,8 @@ impl Service {
                 self.registry.clone(),
                 "AuthorizationService",
                 &[Role::Switch],
-            ),
+            )
+            .with_audit(refusals),
         );
 
         if let Some(addr) = addr {
@@ -375,8 +438,15 @@ impl Service {
             }
         };
         watcher.abort();
-        // Whatever happened, make what was written durable before exiting.
+        sealer.abort();
+        let _ = stop_auditor.send(());
+        let _ = auditor.await;
+        // Whatever happened, make what was written durable before exiting,
+        // and seal what the audit log still lacks.
         let synced = self.vault.sync().await;
+        if let Err(e) = self.audit.seal_all().await {
+            tracing::error!(error = %e, "audit entries left unsealed: they are sealed at the next start");
+        }
         served?;
         synced?;
         tracing::info!("vcn stopped");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::audit::{Actor, Event};
 use crate::clients::{Client, Registry, Role};
 use crate::domain::Owner;
 use crate::vault::Scope;
@@ -19,7 +20,13 @@ pub struct Authenticator {
     allowed: &'static [Role],
     /// The service's name, for messages and logs.
     service: &'static str,
+    /// Where refused calls are handed for the audit log (the interceptor
+    /// cannot wait for a write: a task writes them in batches).
+    audit: Option<AuditSink>,
 }
+
+/// The channel to the task that writes refused calls to the audit log.
+pub type AuditSink = tokio::sync::mpsc::Sender<(Actor, Event)>;
 
 impl Authenticator {
     pub fn new(registry: Arc<Registry>, service: &'static str, allowed: &'static [Role]) -> Self {
@@ -27,6 +34,24 @@ impl Authenticator {
             registry,
             allowed,
             service,
+            audit: None,
+        }
+    }
+
+    /// Audits every refused call through `sink`.
+    pub fn with_audit(mut self, sink: AuditSink) -> Self {
+        self.audit = Some(sink);
+        self
+    }
+
+    fn audit_refusal(&self, client: &str, role: &str, peer: &str, outcome: String) {
+        let Some(sink) = &self.audit else { return };
+        let entry = (
+            Actor::new(client, role, peer),
+            Event::new("authenticate", outcome).detail(format!("service={}", self.service)),
+        );
+        if sink.try_send(entry).is_err() {
+            tracing::error!(%peer, "audit backlog full: a refused call could not be audited");
         }
     }
 }
@@ -48,16 +73,24 @@ impl tonic::service::Interceptor for Authenticator {
         });
         let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else {
             tracing::warn!(%peer, service = self.service, "call without an API key refused");
+            self.audit_refusal("-", "-", &peer, "refused: missing API key".into());
             return Err(Status::unauthenticated(
                 "missing API key: send metadata `authorization: Bearer <api key>`",
             ));
         };
         let Some(client) = self.registry.authenticate(key) else {
             tracing::warn!(%peer, service = self.service, "call with an unknown API key refused");
+            self.audit_refusal("-", "-", &peer, "refused: unknown API key".into());
             return Err(Status::unauthenticated("unknown API key"));
         };
         if !self.allowed.contains(&client.role) {
             tracing::warn!(%peer, client = %client.name, role = client.role.as_str(), service = self.service, "call refused: wrong role");
+            self.audit_refusal(
+                &client.name,
+                client.role.as_str(),
+                &peer,
+                "refused: wrong role".into(),
+            );
             let roles: Vec<_> = self.allowed.iter().map(|r| r.as_str()).collect();
             return Err(Status::permission_denied(format!(
                 "client {} has role {}; {} needs role {}",
@@ -78,6 +111,16 @@ pub fn caller<T>(req: &Request<T>) -> Result<Arc<Client>, Status> {
         .get::<Caller>()
         .map(|c| c.0.clone())
         .ok_or_else(|| Status::unauthenticated("no authenticated client"))
+}
+
+/// Who made a request and from where, for the audit log.
+pub fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
+    let client = caller(req)?;
+    let origin = req
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
+    Ok(Actor::new(&client.name, client.role.as_str(), &origin))
 }
 
 /// Which cards a client may see: a client pinned to an owner sees that

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::api::auth::actor;
 use crate::api::convert;
 use crate::api::pb::{self, authorization_service_server::AuthorizationService};
 use crate::domain::{Pan, PanError};
@@ -26,7 +27,7 @@ impl AuthorizationService for SwitchApi {
         req: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let r = convert::authorize_request(req.get_ref())?;
-        let o = self.vault.authorize(&r).await?;
+        let o = self.vault.authorize(&r, &actor(&req)?).await?;
         Ok(Response::new(pb::AuthorizeResponse {
             approved: o.code.is_approved(),
             response_code: o.code.code().to_string(),
@@ -49,7 +50,7 @@ impl AuthorizationService for SwitchApi {
         req: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
         let r = convert::reverse_request(req.get_ref())?;
-        let o = self.vault.reverse(&r).await?;
+        let o = self.vault.reverse(&r, &actor(&req)?).await?;
         Ok(Response::new(pb::ReverseResponse {
             reversed: o.reversed,
             response_code: o.response_code.to_string(),
@@ -67,7 +68,7 @@ impl AuthorizationService for SwitchApi {
             Err(PanError::Luhn) => return Err(VaultError::NotFound("card number".into()).into()),
             Err(e) => return Err(Status::invalid_argument(format!("pan: {}", e.reason()))),
         };
-        let d = self.vault.detokenize(&pan).await?;
+        let d = self.vault.detokenize(&pan, &actor(&req)?).await?;
         Ok(Response::new(pb::DetokenizeResponse {
             funding_pan: d.funding_pan.expose().to_string(),
             card_id: d.card_id.as_str().to_string(),

@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use time::OffsetDateTime;
 
+use crate::audit::{Actor, Event, Recorder};
 use crate::domain::card::{ChangeError, PolicyBounds, PolicyInput};
 use crate::domain::decision::{self, Attempt, ResponseCode};
 use crate::domain::number::NumberPlan;
@@ -90,6 +91,9 @@ pub struct VaultConfig {
     pub bounds: PolicyBounds,
     /// Wrong CVVs or expiries in a row that block a card.
     pub max_failed_verifications: u32,
+    /// This instance's name in the audit log (instances sharing a
+    /// database each seal their own entries).
+    pub audit_instance: String,
 }
 
 /// Where the vault gets the time: the system clock in service, a fixed or
@@ -252,6 +256,8 @@ pub struct Vault {
     keys: RwLock<Arc<Keyring>>,
     config: VaultConfig,
     clock: Clock,
+    /// Makes the audit entry each operation writes with its own writes.
+    audit: Recorder,
 }
 
 impl Vault {
@@ -265,12 +271,58 @@ impl Vault {
         clock: Clock,
     ) -> Result<Vault, VaultError> {
         check_keys(store.as_ref(), &keys).await?;
+        let audit = Recorder::new(&config.audit_instance);
         Ok(Vault {
             store,
             keys: RwLock::new(keys),
             config,
             clock,
+            audit,
         })
+    }
+
+    /// The store under the vault (the audit sealer shares it).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Writes one audit entry on its own, durably: for operations that
+    /// write nothing else (reads, refusals, key operations).
+    pub async fn record(&self, actor: &Actor, event: &Event) -> Result<(), VaultError> {
+        self.audit
+            .record(self.store.as_ref(), actor, event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, action = event.action, "audit entry not written: the operation fails");
+                VaultError::Unavailable(format!("the audit log cannot be written: {e}"))
+            })
+    }
+
+    /// Writes several audit entries in one durable update (the failed
+    /// authentications the interceptor hands over).
+    pub async fn record_batch(&self, entries: &[(Actor, Event)]) -> Result<(), VaultError> {
+        let writes: Vec<Write> = entries
+            .iter()
+            .map(|(a, e)| self.audit.write(a, e))
+            .collect();
+        self.store
+            .update(&[], &mut |_| writes.clone())
+            .await
+            .map_err(|e| VaultError::Unavailable(format!("the audit log cannot be written: {e}")))
+    }
+
+    /// Records a refused or failed operation. The caller's error stands
+    /// either way.
+    async fn record_error(&self, actor: &Actor, event: Event, e: &VaultError) {
+        let _ = self
+            .record(
+                actor,
+                &Event {
+                    outcome: format!("error: {e}"),
+                    ..event
+                },
+            )
+            .await;
     }
 
     /// The keyring in force (cheap: a shared pointer).
@@ -284,6 +336,14 @@ impl Vault {
     pub async fn reload_keys(&self, keys: Arc<Keyring>) -> Result<(), VaultError> {
         check_keys(self.store.as_ref(), &keys).await?;
         let versions: Vec<u32> = keys.versions().collect();
+        self.record(
+            &Actor::system("vcn"),
+            &Event::new("key_reload", "ok").detail(format!(
+                "versions={versions:?} current={}",
+                keys.current_version()
+            )),
+        )
+        .await?;
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
         tracing::info!(?versions, "keyring reloaded");
         Ok(())
@@ -426,8 +486,33 @@ impl Vault {
         })
     }
 
-    /// Issues a new virtual card.
-    pub async fn issue(&self, req: IssueRequest) -> Result<IssuedCard, VaultError> {
+    /// Issues a new virtual card, audited.
+    pub async fn issue(&self, req: IssueRequest, actor: &Actor) -> Result<IssuedCard, VaultError> {
+        let event = Event::new("issue", "ok").detail(format!("owner={}", req.owner));
+        match self.issue_card(req, actor).await {
+            Ok(c) if c.replayed => {
+                let event = event
+                    .card(c.card.id.as_str())
+                    .pan(c.card.masked_pan.clone());
+                self.record(
+                    actor,
+                    &Event {
+                        outcome: "ok: idempotent replay".into(),
+                        ..event
+                    },
+                )
+                .await?;
+                Ok(c)
+            }
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.record_error(actor, event, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn issue_card(&self, req: IssueRequest, actor: &Actor) -> Result<IssuedCard, VaultError> {
         let now = self.now();
         let mut policy = CardPolicy::new(req.policy.clone(), now, self.config.bounds)?;
         policy.valid_until = policy
@@ -528,7 +613,12 @@ impl Vault {
                         return vec![];
                     }
                     outcome = Outcome::Created;
+                    let event = Event::new("issue", "ok")
+                        .card(id.as_str())
+                        .pan(card.masked_pan.clone())
+                        .detail(format!("owner={}", card.owner));
                     let mut w = vec![
+                        self.audit.write(actor, &event),
                         Write::Put(card_key(&id), record.clone()),
                         Write::Put(keys[0].clone(), id.as_str().as_bytes().to_vec()),
                         Write::Put(funding_key(version, &funding_idx), vec![]),
@@ -620,6 +710,7 @@ impl Vault {
         &self,
         id: &CardId,
         scope: Scope<'_>,
+        actor: &Actor,
         action: &'static str,
         change: &(dyn Fn(&mut Card) -> Result<(), ChangeError> + Sync),
     ) -> Result<Card, VaultError> {
@@ -639,13 +730,21 @@ impl Vault {
                     }
                     let before = card.clone();
                     change(&mut card)?;
+                    let event = Event::new(action, "ok")
+                        .card(id.as_str())
+                        .pan(card.masked_pan.clone())
+                        .detail(format!("state={}", card.state.as_str()));
+                    let audit = self.audit.write(actor, &event);
                     if card == before {
-                        return Ok((card, vec![]));
+                        return Ok((card, vec![audit]));
                     }
                     rec.set_card(&card);
                     Ok((
                         card,
-                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))],
+                        vec![
+                            audit,
+                            Write::Put(key.clone(), prost::Message::encode_to_vec(&rec)),
+                        ],
                     ))
                 };
                 match step() {
@@ -660,32 +759,54 @@ impl Vault {
                 }
             })
             .await?;
-        if let Ok(card) = &result {
-            tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed");
+        match &result {
+            Ok(card) => {
+                tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed")
+            }
+            Err(e) => {
+                self.record_error(actor, Event::new(action, "").card(id.as_str()), e)
+                    .await
+            }
         }
         result
     }
 
-    pub async fn pause(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "pause", &Card::pause).await
+    pub async fn pause(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, actor, "pause", &Card::pause).await
     }
 
-    pub async fn resume(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "resume", &Card::resume).await
+    pub async fn resume(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, actor, "resume", &Card::resume).await
     }
 
-    pub async fn close(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "close", &Card::close).await
+    pub async fn close(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, actor, "close", &Card::close).await
     }
 
     pub async fn update_limits(
         &self,
         id: &CardId,
         scope: Scope<'_>,
+        actor: &Actor,
         spend_limit: Option<Money>,
         per_transaction_limit: Option<Option<Money>>,
     ) -> Result<Card, VaultError> {
-        self.modify(id, scope, "update limits", &move |c: &mut Card| {
+        self.modify(id, scope, actor, "update_limits", &move |c: &mut Card| {
             c.update_limits(spend_limit, per_transaction_limit)
         })
         .await
@@ -719,7 +840,11 @@ impl Vault {
     }
 
     /// Decides one authorisation, exactly once per transaction id.
-    pub async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, VaultError> {
+    pub async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+        actor: &Actor,
+    ) -> Result<AuthorizeOutcome, VaultError> {
         let now = self.now();
         let keys = self.keys();
         let fingerprint = Self::authorize_fingerprint(&keys, keys.current_version(), req)?;
@@ -744,7 +869,8 @@ impl Vault {
                 now,
                 v,
             ) {
-                Ok((outcome, writes)) => {
+                Ok((outcome, mut writes)) => {
+                    writes.push(self.audit.write(actor, &authorize_event(req, Ok(&outcome))));
                     result = Ok(outcome);
                     writes
                 }
@@ -754,6 +880,9 @@ impl Vault {
                 }
             })
             .await?;
+        if let Err(e) = &result {
+            let _ = self.record(actor, &authorize_event(req, Err(e))).await;
+        }
         if let Ok(o) = &result {
             let pan = req.pan.masked();
             tracing::info!(
@@ -936,7 +1065,25 @@ impl Vault {
     }
 
     /// Undoes all or part of an approved authorisation.
-    pub async fn reverse(&self, req: &ReverseRequest) -> Result<ReverseOutcome, VaultError> {
+    pub async fn reverse(
+        &self,
+        req: &ReverseRequest,
+        actor: &Actor,
+    ) -> Result<ReverseOutcome, VaultError> {
+        let result = self.reverse_txn(req, actor).await;
+        if let Err(e) = &result {
+            let event =
+                Event::new("reverse", "").detail(format!("transaction_id={}", req.transaction_id));
+            self.record_error(actor, event, e).await;
+        }
+        result
+    }
+
+    async fn reverse_txn(
+        &self,
+        req: &ReverseRequest,
+        actor: &Actor,
+    ) -> Result<ReverseOutcome, VaultError> {
         let tkey = txn_key(&req.transaction_id);
         let txn: TxnRecord = match self.store.get(&tkey).await? {
             Some(b) => decode("transaction", &b)?,
@@ -1078,7 +1225,28 @@ impl Vault {
                     Ok((outcome, writes))
                 };
                 match step() {
-                    Ok((o, w)) => {
+                    Ok((o, mut w)) => {
+                        let event = Event::new(
+                            "reverse",
+                            format!(
+                                "{} {}",
+                                o.response_code,
+                                if o.reversed {
+                                    "reversed"
+                                } else {
+                                    "not reversed"
+                                }
+                            ),
+                        )
+                        .card(&txn.card_id)
+                        .detail(format!(
+                            "transaction_id={} amount={}",
+                            req.transaction_id,
+                            req.amount
+                                .map(|m| m.to_string())
+                                .unwrap_or_else(|| "all".into())
+                        ));
+                        w.push(self.audit.write(actor, &event));
                         result = Ok(o);
                         w
                     }
@@ -1095,8 +1263,23 @@ impl Vault {
         result
     }
 
-    /// The funding card of any number this vault issued, in any state.
-    pub async fn detokenize(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
+    /// The funding card of any number this vault issued, in any state. The
+    /// audit entry is durable before the number is returned.
+    pub async fn detokenize(&self, pan: &Pan, actor: &Actor) -> Result<Detokenized, VaultError> {
+        let event = Event::new("detokenize", "ok").pan(pan.masked());
+        match self.detokenize_pan(pan).await {
+            Ok(d) => {
+                self.record(actor, &event.card(d.card_id.as_str())).await?;
+                Ok(d)
+            }
+            Err(e) => {
+                self.record_error(actor, event, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn detokenize_pan(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
         let not_found = || VaultError::NotFound(format!("card number {}", pan.masked()));
         let id = self.find_card(pan).await?.ok_or_else(not_found)?;
         let rec = self.load(&id).await?;
@@ -1375,6 +1558,17 @@ impl Vault {
             version = keys.current_version(),
             "re-encryption pass done"
         );
+        let outcome = if failed > 0 { "error" } else { "ok" };
+        self.record(
+            &Actor::system("vcn"),
+            &Event::new("key_reencrypt", outcome).detail(format!(
+                "version={} cards={} moved={} failed={failed}",
+                keys.current_version(),
+                done.cards,
+                done.moved
+            )),
+        )
+        .await?;
         if failed > 0 {
             return Err(VaultError::Internal(format!(
                 "{failed} cards could not be re-encrypted (see the log); the old key version is still needed"
@@ -1410,13 +1604,56 @@ impl Vault {
             )));
         }
         let key = kcv_key(version);
+        let audit = self.audit.write(
+            &Actor::system("vcn keys retire"),
+            &Event::new("key_retire", "ok").detail(format!("version={version}")),
+        );
         self.store
             .update(std::slice::from_ref(&key), &mut |_| {
-                vec![Write::Delete(key.clone())]
+                vec![Write::Delete(key.clone()), audit.clone()]
             })
             .await?;
         tracing::info!(version, "key version retired");
         Ok(())
+    }
+}
+
+/// The audit entry of an authorisation.
+fn authorize_event(
+    req: &AuthorizeRequest,
+    outcome: Result<&AuthorizeOutcome, &VaultError>,
+) -> Event {
+    let detail = format!(
+        "transaction_id={} amount={} merchant={} mcc={}",
+        req.transaction_id,
+        req.amount,
+        req.merchant_id
+            .as_ref()
+            .map(MerchantId::as_str)
+            .unwrap_or("-"),
+        req.mcc.as_ref().map(Mcc::as_str).unwrap_or("-"),
+    );
+    let event = Event::new("authorize", "")
+        .pan(req.pan.masked())
+        .detail(detail);
+    match outcome {
+        Ok(o) => {
+            let verdict = if o.code.is_approved() {
+                "approved"
+            } else {
+                "declined"
+            };
+            let replay = if o.replayed { " (retry)" } else { "" };
+            Event {
+                outcome: format!("{verdict} {} {}{replay}", o.code.code(), o.code.reason()),
+                ..event
+            }
+            .card(o.card_id.as_ref().map(CardId::as_str).unwrap_or(""))
+        }
+        Err(e) => Event {
+            outcome: format!("error: {e}"),
+            ..event
+        },
     }
 }
 

@@ -95,8 +95,10 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns(
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    // The audit sealer writes too, so which write met the full disk first
+    // (and so the exact wording) depends on timing: either says why.
     assert!(
-        err.message().contains("reads still work"),
+        err.message().contains("reads still work") || err.message().contains("full"),
         "{}",
         err.message()
     );
@@ -106,14 +108,17 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns(
             .owner,
         "alice"
     );
-    let d = switch
+    // Detokenize reads, but its audit entry must be written before a card
+    // number is revealed (PCI DSS 10.2): refused while nothing can be
+    // written, saying why.
+    let err = switch
         .detokenize(pb::DetokenizeRequest {
             pan: first.pan.clone(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.funding_pan, FUNDING);
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("audit log"), "{}", err.message());
     let page = cards
         .list_cards(pb::ListCardsRequest {
             owner: "alice".into(),

@@ -3,6 +3,7 @@
 //! One test binary, so the suite links once.
 
 mod access;
+mod audit;
 mod authorize;
 mod binary;
 mod concurrency;
