@@ -71,6 +71,15 @@ pub struct Config {
     /// The append-only audit log (JSON lines, HMAC-chained). Default:
     /// `audit.log` beside the data directory.
     pub audit_log: Option<PathBuf>,
+    /// Failed lookups (unknown numbers, wrong CVVs or expiries, unknown
+    /// numbers to Detokenize) one client may make per minute; past it the
+    /// client's switch calls are refused (RESOURCE_EXHAUSTED) until the
+    /// minute is over, and logged and audited.
+    pub max_failed_lookups_per_minute: u32,
+    /// Failed authentications (missing or unknown API key) one address may
+    /// make per minute; past it every call from that address is refused
+    /// until the minute is over.
+    pub max_failed_auth_per_minute: u32,
     /// This instance's name in the audit log. Instances sharing one
     /// PostgreSQL database need distinct names (each seals its own entries
     /// into its own log).
@@ -101,6 +110,8 @@ impl Default for Config {
             drain_grace_ms: 500,
             drain_timeout_ms: 10_000,
             audit_log: None,
+            max_failed_lookups_per_minute: 120,
+            max_failed_auth_per_minute: 30,
             instance_name: "vcn".into(),
         }
     }
@@ -200,6 +211,12 @@ impl Config {
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
+            ));
+        }
+        if self.max_failed_lookups_per_minute == 0 || self.max_failed_auth_per_minute == 0 {
+            return Err(ConfigError::Invalid(
+                "max_failed_lookups_per_minute and max_failed_auth_per_minute must be at least 1"
+                    .into(),
             ));
         }
         let name_ok = !self.instance_name.is_empty()

@@ -12,6 +12,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::auth::Authenticator;
 use crate::api::cards::CardApi;
+use crate::api::limiter::FailureLimiter;
 use crate::api::pb::authorization_service_server::AuthorizationServiceServer;
 use crate::api::pb::card_service_server::CardServiceServer;
 use crate::api::switch::SwitchApi;
@@ -282,6 +283,8 @@ struct Limits {
     overall: usize,
     drain_grace: Duration,
     drain_timeout: Duration,
+    failed_lookups: u32,
+    failed_auth: u32,
 }
 
 impl Limits {
@@ -293,6 +296,8 @@ impl Limits {
             overall: c.max_concurrent_requests,
             drain_grace: Duration::from_millis(c.drain_grace_ms),
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
+            failed_lookups: c.max_failed_lookups_per_minute,
+            failed_auth: c.max_failed_auth_per_minute,
         }
     }
 }
@@ -356,11 +361,13 @@ impl Service {
         let (stop_auditor, auditor_stop) = tokio::sync::oneshot::channel();
         let auditor = tokio::spawn(audit_refusals(self.vault.clone(), refused, auditor_stop));
         let sealer = tokio::spawn(self.audit.clone().run(AUDIT_SEAL_EVERY));
+        let peers = Arc::new(FailureLimiter::new(self.limits.failed_auth));
         const ANY: &[Role] = &[Role::Cards, Role::Switch, Role::Admin];
         let reflection = InterceptedService::new(
             reflection,
             Authenticator::new(self.registry.clone(), "ServerReflection", ANY)
-                .with_audit(refusals.clone()),
+                .with_audit(refusals.clone())
+                .with_peer_limit(peers.clone()),
         );
 
         let limits = self.limits;
@@ -372,17 +379,22 @@ impl Service {
                 "CardService",
                 &[Role::Cards, Role::Admin],
             )
-            .with_audit(refusals.clone()),
+            .with_audit(refusals.clone())
+            .with_peer_limit(peers.clone()),
         );
         let switch = InterceptedService::new(
-            AuthorizationServiceServer::new(SwitchApi::new(self.vault.clone()))
-                .max_decoding_message_size(max),
+            AuthorizationServiceServer::new(
+                SwitchApi::new(self.vault.clone())
+                    .with_lookup_limit(Arc::new(FailureLimiter::new(limits.failed_lookups))),
+            )
+            .max_decoding_message_size(max),
             Authenticator::new(
                 self.registry.clone(),
                 "AuthorizationService",
                 &[Role::Switch],
             )
-            .with_audit(refusals),
+            .with_audit(refusals)
+            .with_peer_limit(peers),
         );
 
         if let Some(addr) = addr {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::api::limiter::FailureLimiter;
 use crate::audit::{Actor, Event};
 use crate::clients::{Client, Registry, Role};
 use crate::domain::Owner;
@@ -23,6 +24,8 @@ pub struct Authenticator {
     /// Where refused calls are handed for the audit log (the interceptor
     /// cannot wait for a write: a task writes them in batches).
     audit: Option<AuditSink>,
+    /// Failed authentications per address: None for no limit.
+    peers: Option<Arc<FailureLimiter>>,
 }
 
 /// The channel to the task that writes refused calls to the audit log.
@@ -35,6 +38,23 @@ impl Authenticator {
             allowed,
             service,
             audit: None,
+            peers: None,
+        }
+    }
+
+    /// Refuses an address past `limiter`'s failed authentications per
+    /// minute (shared by every service's interceptor).
+    pub fn with_peer_limit(mut self, limiter: Arc<FailureLimiter>) -> Self {
+        self.peers = Some(limiter);
+        self
+    }
+
+    /// Counts a failed authentication from `ip`.
+    fn failed_auth(&self, ip: &str) {
+        if let Some(l) = &self.peers {
+            if l.failed(ip) {
+                tracing::warn!(%ip, limit = l.max_per_minute(), "address reached its failed authentications per minute: refusing it until the minute is over");
+            }
         }
     }
 
@@ -63,6 +83,22 @@ struct Caller(Arc<Client>);
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let ip = req
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        if let Some(l) = self.peers.as_ref().filter(|l| l.blocked(&ip)) {
+            self.audit_refusal(
+                "-",
+                "-",
+                &peer,
+                "refused: too many failed authentications".into(),
+            );
+            return Err(Status::resource_exhausted(format!(
+                "more than {} failed authentications from this address this minute: refused until the minute is over",
+                l.max_per_minute()
+            )));
+        }
         let header = req
             .metadata()
             .get("authorization")
@@ -74,6 +110,7 @@ impl tonic::service::Interceptor for Authenticator {
         let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else {
             tracing::warn!(%peer, service = self.service, "call without an API key refused");
             self.audit_refusal("-", "-", &peer, "refused: missing API key".into());
+            self.failed_auth(&ip);
             return Err(Status::unauthenticated(
                 "missing API key: send metadata `authorization: Bearer <api key>`",
             ));
@@ -81,6 +118,7 @@ impl tonic::service::Interceptor for Authenticator {
         let Some(client) = self.registry.authenticate(key) else {
             tracing::warn!(%peer, service = self.service, "call with an unknown API key refused");
             self.audit_refusal("-", "-", &peer, "refused: unknown API key".into());
+            self.failed_auth(&ip);
             return Err(Status::unauthenticated("unknown API key"));
         };
         if !self.allowed.contains(&client.role) {

@@ -18,4 +18,5 @@ mod postgres;
 mod props;
 mod security;
 mod support;
+mod throttle;
 mod validation;
