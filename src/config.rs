@@ -80,6 +80,18 @@ pub struct Config {
     /// make per minute; past it every call from that address is refused
     /// until the minute is over.
     pub max_failed_auth_per_minute: u32,
+    /// TLS on the gRPC port: the server's certificate chain and private
+    /// key (PEM). Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM) whose client certificates are accepted (mTLS). A client
+    /// presenting a certificate registered with `vcn client add --cert`
+    /// needs no API key. Needs tls_cert and tls_key.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow plain-text gRPC on an address other than loopback. Off: such
+    /// a configuration is refused (API keys and card numbers would cross
+    /// the network in clear).
+    pub allow_plaintext: bool,
     /// This instance's name in the audit log. Instances sharing one
     /// PostgreSQL database need distinct names (each seals its own entries
     /// into its own log).
@@ -110,6 +122,10 @@ impl Default for Config {
             drain_grace_ms: 500,
             drain_timeout_ms: 10_000,
             audit_log: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            allow_plaintext: false,
             max_failed_lookups_per_minute: 120,
             max_failed_auth_per_minute: 30,
             instance_name: "vcn".into(),
@@ -212,6 +228,23 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
             ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: give both, or neither for plain text".into(),
+            ));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls_client_ca needs tls_cert and tls_key (mTLS is TLS with client certificates)"
+                    .into(),
+            ));
+        }
+        if self.tls_cert.is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "listen = {} is not a loopback address and TLS is off: set tls_cert and tls_key, or allow_plaintext = true if a TLS proxy or a private network protects it",
+                self.listen
+            )));
         }
         if self.max_failed_lookups_per_minute == 0 || self.max_failed_auth_per_minute == 0 {
             return Err(ConfigError::Invalid(

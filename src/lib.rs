@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod certs;
 pub mod cli;
 pub mod clients;
 pub mod config;

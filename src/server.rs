@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::auth::Authenticator;
 use crate::api::cards::CardApi;
@@ -56,6 +57,30 @@ pub enum StartError {
     Reflection(String),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The TLS settings of `config`, files read now (so a missing or bad file
+/// stops the start, naming it).
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |what: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{what} {}: {e}", p.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls_cert", cert)?,
+        read("tls_key", key)?,
+    ));
+    if let Some(ca) = &config.tls_client_ca {
+        // Clients without a certificate may still use an API key.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("tls_client_ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }
 
 /// Whether `dir` already holds data (an existing installation).
@@ -272,6 +297,8 @@ pub struct Service {
     limits: Limits,
     /// Chains the vault's pending audit entries into the audit log.
     pub audit: Arc<crate::audit::Sealer>,
+    /// TLS (and mTLS) on the port, when configured.
+    tls: Option<ServerTlsConfig>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -313,6 +340,7 @@ impl Service {
         config: &Config,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
+        let tls = tls_config(config)?;
         let vault = open_vault(config, wrap).await?;
         let audit = crate::audit::Sealer::open(
             vault.store(),
@@ -332,6 +360,7 @@ impl Service {
             registry: Arc::new(registry),
             limits: Limits::of(config),
             audit: Arc::new(audit),
+            tls,
         })
     }
 
@@ -419,7 +448,13 @@ impl Service {
                 let _ = draining_tx.send(());
             }
         };
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let served = builder
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))

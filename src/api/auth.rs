@@ -81,7 +81,7 @@ impl Authenticator {
 struct Caller(Arc<Client>);
 
 impl tonic::service::Interceptor for Authenticator {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let ip = req
             .remote_addr()
@@ -99,15 +99,37 @@ impl tonic::service::Interceptor for Authenticator {
                 l.max_per_minute()
             )));
         }
+        // A registered client certificate (mTLS) identifies the client
+        // without a key.
+        let by_cert = req
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| crate::certs::fingerprint_der(c)))
+            .map(|fp| (self.registry.authenticate_cert(&fp), fp));
         let header = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        if let Some((Some(client), _)) = &by_cert {
+            return self.admit(req, client.clone(), &peer);
+        }
         let key = header.and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
         let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else {
+            if let Some((None, fp)) = &by_cert {
+                tracing::warn!(%peer, service = self.service, cert = &fp[..16], "call with an unregistered client certificate and no API key refused");
+                self.audit_refusal(
+                    "-",
+                    "-",
+                    &peer,
+                    "refused: unregistered client certificate".into(),
+                );
+                self.failed_auth(&ip);
+                return Err(Status::unauthenticated(
+                    "client certificate not registered (register it with `vcn client add NAME --role ROLE --cert FILE`) and no API key",
+                ));
+            }
             tracing::warn!(%peer, service = self.service, "call without an API key refused");
             self.audit_refusal("-", "-", &peer, "refused: missing API key".into());
             self.failed_auth(&ip);
@@ -121,12 +143,24 @@ impl tonic::service::Interceptor for Authenticator {
             self.failed_auth(&ip);
             return Err(Status::unauthenticated("unknown API key"));
         };
+        self.admit(req, client, &peer)
+    }
+}
+
+impl Authenticator {
+    /// Checks the role of an identified client and admits the call.
+    fn admit(
+        &self,
+        mut req: Request<()>,
+        client: Arc<Client>,
+        peer: &str,
+    ) -> Result<Request<()>, Status> {
         if !self.allowed.contains(&client.role) {
             tracing::warn!(%peer, client = %client.name, role = client.role.as_str(), service = self.service, "call refused: wrong role");
             self.audit_refusal(
                 &client.name,
                 client.role.as_str(),
-                &peer,
+                peer,
                 "refused: wrong role".into(),
             );
             let roles: Vec<_> = self.allowed.iter().map(|r| r.as_str()).collect();

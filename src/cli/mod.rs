@@ -81,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// The audit log: verify its chain, export it for a SIEM.
     Audit {
         #[command(subcommand)]
@@ -148,6 +153,20 @@ enum KeysCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Make a development CA, a server certificate for localhost and
+    /// 127.0.0.1, and a client certificate per --client: for trying TLS
+    /// and mTLS, never for production.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// A client to make a certificate for (repeat for several).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+}
+
 /// Which audit log, and its key.
 #[derive(clap::Args, Debug)]
 struct AuditArgs {
@@ -191,6 +210,10 @@ enum ClientCommand {
         /// Pin a cards client to one cardholder (a widget's key).
         #[arg(long)]
         owner: Option<String>,
+        /// Identify the client by this TLS client certificate (PEM) instead
+        /// of an API key (mTLS: the server needs tls_client_ca).
+        #[arg(long)]
+        cert: Option<PathBuf>,
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
     },
@@ -306,6 +329,24 @@ pub fn main() -> ExitCode {
         },
         Command::Keys { command } => keys_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Certs {
+            command: CertsCommand::Dev { out, clients },
+        } => match crate::certs::dev(&out, &clients) {
+            Ok(d) => {
+                println!("CA:     {}", d.ca.display());
+                println!(
+                    "server: {} {} (localhost, 127.0.0.1)",
+                    d.server_cert.display(),
+                    d.server_key.display()
+                );
+                for (name, c, k) in &d.clients {
+                    println!("client {name}: {} {}", c.display(), k.display());
+                }
+                println!("development certificates only: never use this CA in production");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, e),
+        },
         Command::Client { command } => client_command(command),
         Command::Remote(cmd) => remote::run(cmd),
     }
@@ -528,6 +569,32 @@ fn client_command(command: ClientCommand) -> ExitCode {
             name,
             role,
             owner,
+            cert: Some(cert),
+            keys_dir,
+        } => {
+            let added = crate::certs::fingerprint_pem_file(&cert)
+                .map_err(|e| e.to_string())
+                .and_then(|fp| {
+                    clients::add_cert(&keys_dir, &name, role, owner.as_deref(), &fp)
+                        .map(|()| fp)
+                        .map_err(|e| e.to_string())
+                });
+            match added {
+                Ok(fp) => {
+                    println!(
+                        "added client {name} with role {}, identified by its certificate (SHA-256 {fp}); it needs no API key",
+                        role.as_str()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+        ClientCommand::Add {
+            name,
+            role,
+            owner,
+            cert: None,
             keys_dir,
         } => match clients::add(&keys_dir, &name, role, owner.as_deref()) {
             Ok(key) => {

@@ -19,4 +19,5 @@ mod props;
 mod security;
 mod support;
 mod throttle;
+mod tls;
 mod validation;
