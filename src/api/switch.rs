@@ -118,7 +118,14 @@ impl AuthorizationService for SwitchApi {
         let pan = match Pan::parse(&req.get_ref().pan) {
             Ok(p) => p,
             // Not a card number at all: it was never issued.
-            Err(PanError::Luhn) => return Err(VaultError::NotFound("card number".into()).into()),
+            Err(PanError::Luhn) => {
+                self.failed_lookup(&who);
+                let e = VaultError::NotFound("card number".into());
+                let masked = crate::domain::pan::mask(&req.get_ref().pan);
+                let event = Event::new("detokenize", format!("error: {e}")).pan(masked);
+                self.vault.record(&who, &event).await?;
+                return Err(e.into());
+            }
             Err(e) => return Err(Status::invalid_argument(format!("pan: {}", e.reason()))),
         };
         let d = match self.vault.detokenize(&pan, &who).await {
