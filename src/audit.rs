@@ -298,14 +298,23 @@ struct Head {
     mac: String,
 }
 
+/// The sealer's state: the end of the chain in the file, and pending keys
+/// already in the file whose removal from the store failed (removed with
+/// the next batch, never sealed twice).
+#[derive(Debug, Default)]
+struct SealState {
+    head: Head,
+    undeleted: std::collections::HashSet<Vec<u8>>,
+}
+
 /// The sealer: chains pending entries into the log file.
 pub struct Sealer {
     store: Arc<dyn Store>,
     key: hmac::Key,
     path: PathBuf,
     instance: String,
-    /// The chain's end; the mutex makes this the single chainer.
-    head: tokio::sync::Mutex<Head>,
+    /// The chain's end, and the single chainer's lock.
+    head: tokio::sync::Mutex<SealState>,
     /// Serialises appends with the file handle.
     file: Mutex<Option<fs::File>>,
 }
@@ -354,7 +363,10 @@ impl Sealer {
             key,
             path: path.to_path_buf(),
             instance: instance.to_string(),
-            head: tokio::sync::Mutex::new(stored.clone()),
+            head: tokio::sync::Mutex::new(SealState {
+                head: stored.clone(),
+                undeleted: Default::default(),
+            }),
             file: Mutex::new(None),
         };
         if file_head.seq > stored.seq {
@@ -378,7 +390,7 @@ impl Sealer {
                 .store
                 .update(std::slice::from_ref(&hk), &mut |_| writes.clone())
                 .await?;
-            *sealer.head.lock().await = file_head;
+            sealer.head.lock().await.head = file_head;
         }
         Ok(sealer)
     }
@@ -410,15 +422,18 @@ impl Sealer {
 
     /// Seals up to one batch of pending entries; returns how many.
     pub async fn seal_once(&self) -> Result<usize, AuditError> {
-        let mut head = self.head.lock().await;
+        let mut state = self.head.lock().await;
         let prefix = pending_prefix(&self.instance);
         let pending = self.store.scan(&prefix, None, BATCH).await?;
         if pending.is_empty() {
             return Ok(0);
         }
         let mut lines = Vec::new();
-        let mut next = head.clone();
-        for (_, value) in &pending {
+        let mut next = state.head.clone();
+        for (key, value) in &pending {
+            if state.undeleted.contains(key) {
+                continue;
+            }
             let Ok(mut e) = serde_json::from_slice::<Entry>(value) else {
                 tracing::error!("an unreadable pending audit entry was sealed as such");
                 continue;
@@ -433,7 +448,15 @@ impl Sealer {
             lines.extend(serde_json::to_vec(&e).unwrap_or_default());
             lines.push(b'\n');
         }
-        self.append(&lines)?;
+        if !lines.is_empty() {
+            self.append(&lines)?;
+        }
+        // The file is the chain now: whatever happens to the update below,
+        // these entries are never sealed again.
+        state.head = next.clone();
+        state
+            .undeleted
+            .extend(pending.iter().map(|(k, _)| k.clone()));
         let hk = head_key(&self.instance);
         let mut writes: Vec<Write> = pending
             .iter()
@@ -446,7 +469,9 @@ impl Sealer {
         self.store
             .update(std::slice::from_ref(&hk), &mut |_| writes.clone())
             .await?;
-        *head = next;
+        for (k, _) in &pending {
+            state.undeleted.remove(k);
+        }
         Ok(pending.len())
     }
 

@@ -318,3 +318,38 @@ async fn an_operation_whose_audit_entry_cannot_be_written_fails() {
         .unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_seal_neither_loses_nor_duplicates_entries() {
+    let (server, chaos) = TestServer::start_chaos(config_in).await;
+    let (mut cards, _) = server.clients().await;
+    for _ in 0..20 {
+        issue(&mut cards, issue_req("alice", 500)).await;
+    }
+    // The sealer appends to the file, then cannot remove the entries from
+    // the store: they must not be sealed a second time.
+    chaos.set_fail_updates(true);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    chaos.set_fail_updates(false);
+    issue(&mut cards, issue_req("bob", 500)).await;
+    drop(cards);
+    let (_dir, config) = server.stop().await;
+    let path = config.audit_path();
+    let key = audit::load_key(&config.keys_dir, false).unwrap();
+    let entries = audit::read_entries(&path).unwrap();
+    assert_eq!(
+        audit::verify(&path, &key).unwrap(),
+        Verdict::Intact(entries.len() as u64)
+    );
+    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), entries.len(), "an entry was sealed twice");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "issue" && e.outcome == "ok")
+            .count(),
+        21
+    );
+}
