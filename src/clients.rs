@@ -56,8 +56,14 @@ pub struct ClientEntry {
     /// Set for a client that acts for one cardholder only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// Hex SHA-256 of the client's key.
+    /// Hex SHA-256 of the client's key (empty for a client identified by
+    /// its certificate only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_sha256: String,
+    /// Hex SHA-256 of the DER of the client's TLS certificate, for a client
+    /// identified by mTLS (no bearer key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -154,13 +160,47 @@ fn key_hash(key: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
 }
 
-/// Registers a client and returns its key (shown once, never stored).
-pub fn add(
+/// Registers a client identified by its TLS client certificate (mTLS): no
+/// bearer key. `cert_sha256` is [`crate::certs::fingerprint_der`] of it.
+pub fn add_cert(
     keys_dir: &Path,
     name: &str,
     role: Role,
     owner: Option<&str>,
-) -> Result<String, ClientsError> {
+    cert_sha256: &str,
+) -> Result<(), ClientsError> {
+    let path = clients_path(keys_dir);
+    let mut file = check_new(&path, name, role, owner)?;
+    if file
+        .clients
+        .iter()
+        .any(|c| c.cert_sha256.as_deref() == Some(cert_sha256))
+    {
+        return Err(ClientsError::Exists(format!(
+            "with this certificate ({})",
+            &cert_sha256[..16.min(cert_sha256.len())]
+        )));
+    }
+    file.clients.push(ClientEntry {
+        name: name.to_string(),
+        role,
+        owner: owner.map(str::to_string),
+        key_sha256: String::new(),
+        cert_sha256: Some(cert_sha256.to_string()),
+        created_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    });
+    write(&path, &file)
+}
+
+/// Checks a new client's name, role and owner; the file as it is.
+fn check_new(
+    path: &Path,
+    name: &str,
+    role: Role,
+    owner: Option<&str>,
+) -> Result<ClientsFile, ClientsError> {
     let name_ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -175,11 +215,22 @@ pub fn add(
             return Err(ClientsError::OwnerNeedsCards);
         }
     }
-    let path = clients_path(keys_dir);
-    let mut file = read(&path)?;
+    let file = read(path)?;
     if file.clients.iter().any(|c| c.name == name) {
         return Err(ClientsError::Exists(name.to_string()));
     }
+    Ok(file)
+}
+
+/// Registers a client and returns its key (shown once, never stored).
+pub fn add(
+    keys_dir: &Path,
+    name: &str,
+    role: Role,
+    owner: Option<&str>,
+) -> Result<String, ClientsError> {
+    let path = clients_path(keys_dir);
+    let mut file = check_new(&path, name, role, owner)?;
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
@@ -191,6 +242,7 @@ pub fn add(
         role,
         owner: owner.map(str::to_string),
         key_sha256: key_hash(&key),
+        cert_sha256: None,
         created_at: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
@@ -232,6 +284,7 @@ type Stamp = Option<(u64, SystemTime, u64)>;
 struct Loaded {
     stamp: Stamp,
     by_hash: HashMap<String, Arc<Client>>,
+    by_cert: HashMap<String, Arc<Client>>,
 }
 
 /// How often a server looks at the clients file for changes (removals are
@@ -254,7 +307,10 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.state.read().map(|s| s.by_hash.len()).unwrap_or(0)
+        self.state
+            .read()
+            .map(|s| s.by_hash.len() + s.by_cert.len())
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -271,6 +327,7 @@ impl Registry {
         let stamp = self.stamp();
         let file = read(&self.path)?;
         let mut by_hash = HashMap::new();
+        let mut by_cert = HashMap::new();
         for c in file.clients {
             let owner = match c.owner.as_deref().map(|o| Owner::parse("owner", o)) {
                 Some(Ok(o)) => Some(o),
@@ -280,17 +337,24 @@ impl Registry {
                 }
                 None => None,
             };
-            by_hash.insert(
-                c.key_sha256,
-                Arc::new(Client {
-                    name: c.name,
-                    role: c.role,
-                    owner,
-                }),
-            );
+            let client = Arc::new(Client {
+                name: c.name,
+                role: c.role,
+                owner,
+            });
+            if let Some(fp) = c.cert_sha256 {
+                by_cert.insert(fp, client.clone());
+            }
+            if !c.key_sha256.is_empty() {
+                by_hash.insert(c.key_sha256, client);
+            }
         }
         if let Ok(mut s) = self.state.write() {
-            *s = Loaded { stamp, by_hash };
+            *s = Loaded {
+                stamp,
+                by_hash,
+                by_cert,
+            };
         }
         Ok(())
     }
@@ -320,6 +384,21 @@ impl Registry {
                 Err(e) => tracing::error!(error = %e, "clients file could not be reloaded"),
             }
         }
+    }
+
+    /// The client registered with the TLS certificate of this fingerprint.
+    pub fn authenticate_cert(&self, cert_sha256: &str) -> Option<Arc<Client>> {
+        self.refresh(RECHECK);
+        let find = || {
+            self.state
+                .read()
+                .ok()
+                .and_then(|s| s.by_cert.get(cert_sha256).cloned())
+        };
+        find().or_else(|| {
+            self.refresh(RECHECK_ON_MISS);
+            find()
+        })
     }
 
     /// The client a key belongs to, if any.

@@ -82,6 +82,34 @@ pub struct Config {
     /// Log lines as "text" (for people) or "json" (one object per line, for
     /// collectors). RUST_LOG picks the level (default info).
     pub log_format: LogFormat,
+    /// The append-only audit log (JSON lines, HMAC-chained). Default:
+    /// `audit.log` beside the data directory.
+    pub audit_log: Option<PathBuf>,
+    /// Failed lookups (unknown numbers, wrong CVVs or expiries, unknown
+    /// numbers to Detokenize) one client may make per minute; past it the
+    /// client's switch calls are refused (RESOURCE_EXHAUSTED) until the
+    /// minute is over, and logged and audited.
+    pub max_failed_lookups_per_minute: u32,
+    /// Failed authentications (missing or unknown API key) one address may
+    /// make per minute; past it every call from that address is refused
+    /// until the minute is over.
+    pub max_failed_auth_per_minute: u32,
+    /// TLS on the gRPC port: the server's certificate chain and private
+    /// key (PEM). Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM) whose client certificates are accepted (mTLS). A client
+    /// presenting a certificate registered with `vcn client add --cert`
+    /// needs no API key. Needs tls_cert and tls_key.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow plain-text gRPC on an address other than loopback. Off: such
+    /// a configuration is refused (API keys and card numbers would cross
+    /// the network in clear).
+    pub allow_plaintext: bool,
+    /// This instance's name in the audit log. Instances sharing one
+    /// PostgreSQL database need distinct names (each seals its own entries
+    /// into its own log).
+    pub instance_name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -120,6 +148,14 @@ impl Default for Config {
             drain_timeout_ms: 10_000,
             metrics_listen: None,
             log_format: LogFormat::Text,
+            audit_log: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            allow_plaintext: false,
+            max_failed_lookups_per_minute: 120,
+            max_failed_auth_per_minute: 30,
+            instance_name: "vcn".into(),
         }
     }
 }
@@ -225,6 +261,40 @@ impl Config {
                 "max_failed_verifications must be at least 1".into(),
             ));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: give both, or neither for plain text".into(),
+            ));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls_client_ca needs tls_cert and tls_key (mTLS is TLS with client certificates)"
+                    .into(),
+            ));
+        }
+        if self.tls_cert.is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "listen = {} is not a loopback address and TLS is off: set tls_cert and tls_key, or allow_plaintext = true if a TLS proxy or a private network protects it",
+                self.listen
+            )));
+        }
+        if self.max_failed_lookups_per_minute == 0 || self.max_failed_auth_per_minute == 0 {
+            return Err(ConfigError::Invalid(
+                "max_failed_lookups_per_minute and max_failed_auth_per_minute must be at least 1"
+                    .into(),
+            ));
+        }
+        let name_ok = !self.instance_name.is_empty()
+            && self.instance_name.len() <= 64
+            && self
+                .instance_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return Err(ConfigError::Invalid(
+                "instance_name must be 1 to 64 letters, digits, '.', '_' or '-'".into(),
+            ));
+        }
         Ok(VaultConfig {
             plan,
             bounds: PolicyBounds {
@@ -234,7 +304,16 @@ impl Config {
             max_failed_verifications: self.max_failed_verifications,
             retention: time::Duration::days(self.retention_days),
             quarantine: time::Duration::days(self.quarantine_days),
+            audit_instance: self.instance_name.clone(),
         })
+    }
+
+    /// Where the audit log is written.
+    pub fn audit_path(&self) -> PathBuf {
+        match &self.audit_log {
+            Some(p) => p.clone(),
+            None => self.data_dir.with_file_name("audit.log"),
+        }
     }
 
     pub fn postgres(&self) -> PostgresOptions {

@@ -7,12 +7,15 @@
 //!   shared one (several instances, one database);
 //! - [`api`]: the thin gRPC layer (decode, authenticate, call the vault, map
 //!   errors to `tonic::Status` in one place);
+//! - [`audit`]: the tamper-evident audit log;
 //! - [`server`], [`config`], [`clients`]: running it;
 //! - [`cli`]: the `vcn` command line.
 
 pub mod api;
+pub mod audit;
 pub mod backup;
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod clients;
 pub mod config;

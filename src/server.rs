@@ -9,10 +9,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::admin::AdminApi;
 use crate::api::auth::Authenticator;
 use crate::api::cards::CardApi;
+use crate::api::limiter::FailureLimiter;
 use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::authorization_service_server::AuthorizationServiceServer;
 use crate::api::pb::card_service_server::CardServiceServer;
@@ -23,7 +25,6 @@ use crate::installation;
 use crate::vault::crypto::Keyring;
 use crate::vault::keyfile::{self, KeyFileError};
 use crate::vault::postgres_store::PostgresStore;
-use crate::vault::records::KEY_CHECK_VALUE;
 use crate::vault::sled_store::SledStore;
 use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
 
@@ -60,6 +61,32 @@ pub enum StartError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The TLS settings of `config`, files read now (so a missing or bad file
+/// stops the start, naming it).
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |what: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{what} {}: {e}", p.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls_cert", cert)?,
+        read("tls_key", key)?,
+    ));
+    if let Some(ca) = &config.tls_client_ca {
+        // Clients without a certificate may still use an API key.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("tls_client_ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }
 
 /// Whether `dir` already holds data (an existing installation).
@@ -73,8 +100,13 @@ fn has_data(dir: &Path) -> bool {
 /// installation when the configuration allows it. `existing` tells whether
 /// the vault (described by `vault`) already holds data.
 fn load_keys(config: &Config, existing: bool, vault: String) -> Result<Keyring, StartError> {
-    match keyfile::load(&config.keys_dir) {
-        Ok(master) => Ok(Keyring::single(&master)),
+    match keyfile::load_all(&config.keys_dir) {
+        Ok(masters) => Keyring::from_masters(&masters).ok_or_else(|| {
+            StartError::Keys(KeyFileError::Missing {
+                path: keyfile::master_key_path(&config.keys_dir),
+                dir: config.keys_dir.display().to_string(),
+            })
+        }),
         Err(e @ KeyFileError::Missing { .. }) => {
             if existing {
                 return Err(StartError::KeyLostForVault(e, vault));
@@ -92,6 +124,91 @@ fn load_keys(config: &Config, existing: bool, vault: String) -> Result<Keyring, 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Loads every key version in `keys_dir` (a re-read for a rotation).
+pub fn load_keyring(keys_dir: &Path) -> Result<Keyring, StartError> {
+    let masters = keyfile::load_all(keys_dir)?;
+    Keyring::from_masters(&masters).ok_or_else(|| {
+        StartError::Keys(KeyFileError::Missing {
+            path: keyfile::master_key_path(keys_dir),
+            dir: keys_dir.display().to_string(),
+        })
+    })
+}
+
+/// Re-reads the keys directory into the running vault (what SIGHUP does):
+/// a new version found there becomes the current one for new records,
+/// and the records of older versions are re-encrypted in the background.
+/// A keyring whose check values do not match the vault's is refused and
+/// the old one stays in force.
+pub async fn reload_keys(vault: &Arc<Vault>, keys_dir: &Path) -> Result<(), StartError> {
+    let keys = load_keyring(keys_dir)?;
+    vault.reload_keys(Arc::new(keys)).await?;
+    spawn_reencrypt(vault.clone());
+    Ok(())
+}
+
+/// Moves the records of older key versions to the current one, in the
+/// background, when more than one version is loaded.
+pub fn spawn_reencrypt(vault: Arc<Vault>) {
+    if vault.keys().versions().count() < 2 {
+        return;
+    }
+    tokio::spawn(async move {
+        match vault.reencrypt_all().await {
+            Ok(r) => tracing::info!(
+                cards = r.cards,
+                moved = r.moved,
+                "background re-encryption finished"
+            ),
+            Err(e) => tracing::error!(error = %e, "background re-encryption failed"),
+        }
+    });
+}
+
+/// Opens the vault of `config` (its keys and store), as the server and
+/// the offline key commands do. An empty store on an installation that
+/// had a vault is refused (see [`crate::installation`]).
+pub async fn open_vault(
+    config: &Config,
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> Result<Vault, StartError> {
+    let vault_config = config.vault()?;
+    let (keys, store, existing, describe) = match &config.store {
+        None => {
+            // Check the key and the installation before sled creates the
+            // data directory.
+            let existing = has_data(&config.data_dir);
+            let describe = config.data_dir.display().to_string();
+            installation::check(&config.keys_dir, &describe, existing, config.new_vault)?;
+            let keys = load_keys(config, existing, describe.clone())?;
+            (keys, open_store(config).await?, existing, describe)
+        }
+        Some(url) => {
+            let store = open_store(config).await?;
+            let existing = crate::vault::store_has_vault(store.as_ref()).await?;
+            installation::check(
+                &config.keys_dir,
+                &url.describe(),
+                existing,
+                config.new_vault,
+            )?;
+            (
+                load_keys(config, existing, url.describe())?,
+                store,
+                existing,
+                url.describe(),
+            )
+        }
+    };
+    let check_value = keys.current().check_value().to_string();
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::Metered(wrap(store)));
+    let vault = Vault::open(store, Arc::new(keys), vault_config, system_clock()).await?;
+    if !existing {
+        installation::record(&config.keys_dir, &describe, &check_value)?;
+    }
+    Ok(vault)
 }
 
 /// Opens the configured storage engine: sled in `data_dir`, or the
@@ -113,6 +230,49 @@ async fn purge_periodically(vault: Arc<Vault>, every: Duration) {
         tokio::time::sleep(every).await;
         if let Err(e) = vault.purge(time::OffsetDateTime::now_utc()).await {
             tracing::error!(error = %e, "the retention pass failed; it will run again");
+        }
+    }
+}
+
+/// How often pending audit entries are chained into the log file.
+const AUDIT_SEAL_EVERY: Duration = Duration::from_millis(200);
+
+/// Writes the refused calls the interceptors hand over, in batches. When
+/// `stop` fires it writes what is queued and ends.
+async fn audit_refusals(
+    vault: Arc<Vault>,
+    mut rx: tokio::sync::mpsc::Receiver<(crate::audit::Actor, crate::audit::Event)>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    tokio::pin!(stop);
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            match rx.try_recv() {
+                Ok(e) => e,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+                _ = &mut stop => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = vault.record_batch(&batch).await {
+            tracing::error!(error = %e, refused = batch.len(), "refused calls could not be audited");
         }
     }
 }
@@ -171,6 +331,10 @@ pub struct Service {
     limits: Limits,
     /// Where Prometheus metrics are served over HTTP, if anywhere.
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Chains the vault's pending audit entries into the audit log.
+    pub audit: Arc<crate::audit::Sealer>,
+    /// TLS (and mTLS) on the port, when configured.
+    tls: Option<ServerTlsConfig>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -184,6 +348,8 @@ struct Limits {
     drain_timeout: Duration,
     /// How often the retention pass runs (None: never).
     purge_every: Option<Duration>,
+    failed_lookups: u32,
+    failed_auth: u32,
 }
 
 impl Limits {
@@ -197,6 +363,8 @@ impl Limits {
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
             purge_every: (c.purge_every_minutes > 0)
                 .then(|| Duration::from_secs(c.purge_every_minutes * 60)),
+            failed_lookups: c.max_failed_lookups_per_minute,
+            failed_auth: c.max_failed_auth_per_minute,
         }
     }
 }
@@ -212,40 +380,15 @@ impl Service {
         config: &Config,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
-        let vault_config = config.vault()?;
-        let (keys, store, existing, describe) = match &config.store {
-            None => {
-                // Check the key and the installation before sled creates
-                // the data directory.
-                let existing = has_data(&config.data_dir);
-                let describe = config.data_dir.display().to_string();
-                installation::check(&config.keys_dir, &describe, existing, config.new_vault)?;
-                let keys = load_keys(config, existing, describe.clone())?;
-                (keys, open_store(config).await?, existing, describe)
-            }
-            Some(url) => {
-                let store = open_store(config).await?;
-                let existing = store.get(KEY_CHECK_VALUE).await?.is_some();
-                installation::check(
-                    &config.keys_dir,
-                    &url.describe(),
-                    existing,
-                    config.new_vault,
-                )?;
-                (
-                    load_keys(config, existing, url.describe())?,
-                    store,
-                    existing,
-                    url.describe(),
-                )
-            }
-        };
-        let check_value = keys.current().check_value().to_string();
-        let store: Arc<dyn Store> = Arc::new(crate::metrics::Metered(wrap(store)));
-        let vault = Vault::open(store, Arc::new(keys), vault_config, system_clock()).await?;
-        if !existing {
-            installation::record(&config.keys_dir, &describe, &check_value)?;
-        }
+        let tls = tls_config(config)?;
+        let vault = open_vault(config, wrap).await?;
+        let audit = crate::audit::Sealer::open(
+            vault.store(),
+            &config.keys_dir,
+            &config.audit_path(),
+            &config.instance_name,
+        )
+        .await?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -257,6 +400,8 @@ impl Service {
             registry: Arc::new(registry),
             limits: Limits::of(config),
             metrics_listen: config.metrics_listen,
+            audit: Arc::new(audit),
+            tls,
         })
     }
 
@@ -281,10 +426,18 @@ impl Service {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
+        // Refused calls are audited by a task (the interceptor is sync).
+        let (refusals, refused) = tokio::sync::mpsc::channel(4096);
+        let (stop_auditor, auditor_stop) = tokio::sync::oneshot::channel();
+        let auditor = tokio::spawn(audit_refusals(self.vault.clone(), refused, auditor_stop));
+        let sealer = tokio::spawn(self.audit.clone().run(AUDIT_SEAL_EVERY));
+        let peers = Arc::new(FailureLimiter::new(self.limits.failed_auth));
         const ANY: &[Role] = &[Role::Cards, Role::Switch, Role::Admin];
         let reflection = InterceptedService::new(
             reflection,
-            Authenticator::new(self.registry.clone(), "ServerReflection", ANY),
+            Authenticator::new(self.registry.clone(), "ServerReflection", ANY)
+                .with_audit(refusals.clone())
+                .with_peer_limit(peers.clone()),
         );
 
         let limits = self.limits;
@@ -295,21 +448,30 @@ impl Service {
                 self.registry.clone(),
                 "CardService",
                 &[Role::Cards, Role::Admin],
-            ),
+            )
+            .with_audit(refusals.clone())
+            .with_peer_limit(peers.clone()),
         );
         let admin = InterceptedService::new(
             AdminServiceServer::new(AdminApi::new(self.vault.clone()))
                 .max_decoding_message_size(max),
-            Authenticator::new(self.registry.clone(), "AdminService", &[Role::Admin]),
+            Authenticator::new(self.registry.clone(), "AdminService", &[Role::Admin])
+                .with_audit(refusals.clone())
+                .with_peer_limit(peers.clone()),
         );
         let switch = InterceptedService::new(
-            AuthorizationServiceServer::new(SwitchApi::new(self.vault.clone()))
-                .max_decoding_message_size(max),
+            AuthorizationServiceServer::new(
+                SwitchApi::new(self.vault.clone())
+                    .with_lookup_limit(Arc::new(FailureLimiter::new(limits.failed_lookups))),
+            )
+            .max_decoding_message_size(max),
             Authenticator::new(
                 self.registry.clone(),
                 "AuthorizationService",
                 &[Role::Switch],
-            ),
+            )
+            .with_audit(refusals)
+            .with_peer_limit(peers),
         );
 
         let metrics_server = match self.metrics_listen {
@@ -334,6 +496,9 @@ impl Service {
         let purger = limits
             .purge_every
             .map(|every| tokio::spawn(purge_periodically(self.vault.clone(), every)));
+        // Records left on an older key version (a rotation before a
+        // restart) move to the current one while serving.
+        spawn_reencrypt(self.vault.clone());
         let stop_watching = watcher.abort_handle();
         let drain = {
             let health = health.clone();
@@ -351,7 +516,13 @@ impl Service {
                 let _ = draining_tx.send(());
             }
         };
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let served = builder
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
             .layer(crate::observe::ObserveLayer)
@@ -391,8 +562,15 @@ impl Service {
         if let Some(m) = metrics_server {
             m.abort();
         }
-        // Whatever happened, make what was written durable before exiting.
+        sealer.abort();
+        let _ = stop_auditor.send(());
+        let _ = auditor.await;
+        // Whatever happened, make what was written durable before exiting,
+        // and seal what the audit log still lacks.
         let synced = self.vault.sync().await;
+        if let Err(e) = self.audit.seal_all().await {
+            tracing::error!(error = %e, "audit entries left unsealed: they are sealed at the next start");
+        }
         served?;
         synced?;
         tracing::info!("vcn stopped");
@@ -427,6 +605,10 @@ fn standard_status_codes<B>(mut res: http::Response<B>) -> http::Response<B> {
 /// Binds the configured address and serves until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let service = Service::open(&config).await?;
+    tokio::spawn(reload_on_sighup(
+        service.vault.clone(),
+        config.keys_dir.clone(),
+    ));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -434,6 +616,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             source,
         })?;
     service.serve(listener, shutdown_signal()).await
+}
+
+/// Reloads the keys directory on every SIGHUP (key rotation without a
+/// restart).
+async fn reload_on_sighup(vault: Arc<Vault>, keys_dir: std::path::PathBuf) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: key reload needs a restart");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the keys directory");
+        if let Err(e) = reload_keys(&vault, &keys_dir).await {
+            tracing::error!(error = %e, "keys not reloaded; the keys in force stay");
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::api::auth::{caller, resolve_owner, scope};
+use crate::api::auth::{actor, caller, resolve_owner, scope};
 use crate::api::convert::{self, parse_money};
 use crate::api::pb::{self, card_service_server::CardService};
 use crate::domain::{CardId, FieldError};
@@ -63,7 +63,11 @@ impl CardService for CardApi {
         let client = caller(&req)?;
         let r = req.get_ref();
         let owner = resolve_owner(&client, &r.owner)?;
-        let issued = self.vault.issue(convert::issue_request(r, owner)?).await?;
+        let who = actor(&req)?;
+        let issued = self
+            .vault
+            .issue(convert::issue_request(r, owner)?, &who)
+            .await?;
         Ok(Response::new(pb::IssueCardResponse {
             card: Some(convert::card(&issued.card)),
             pan: issued.pan.expose().to_string(),
@@ -130,7 +134,7 @@ impl CardService for CardApi {
         let per_txn = per_txn.map(|m| Some(m).filter(|m| m.amount_minor() != 0));
         let card = self
             .vault
-            .update_limits(&id, scope(&client), spend_limit, per_txn)
+            .update_limits(&id, scope(&client), &actor(&req)?, spend_limit, per_txn)
             .await?;
         Ok(Response::new(convert::card(&card)))
     }
@@ -139,7 +143,11 @@ impl CardService for CardApi {
         let client = caller(&req)?;
         let card = self
             .vault
-            .pause(&card_id(&req.get_ref().card_id)?, scope(&client))
+            .pause(
+                &card_id(&req.get_ref().card_id)?,
+                scope(&client),
+                &actor(&req)?,
+            )
             .await?;
         Ok(Response::new(convert::card(&card)))
     }
@@ -148,7 +156,11 @@ impl CardService for CardApi {
         let client = caller(&req)?;
         let card = self
             .vault
-            .resume(&card_id(&req.get_ref().card_id)?, scope(&client))
+            .resume(
+                &card_id(&req.get_ref().card_id)?,
+                scope(&client),
+                &actor(&req)?,
+            )
             .await?;
         Ok(Response::new(convert::card(&card)))
     }
@@ -157,7 +169,11 @@ impl CardService for CardApi {
         let client = caller(&req)?;
         let card = self
             .vault
-            .close(&card_id(&req.get_ref().card_id)?, scope(&client))
+            .close(
+                &card_id(&req.get_ref().card_id)?,
+                scope(&client),
+                &actor(&req)?,
+            )
             .await?;
         Ok(Response::new(convert::card(&card)))
     }

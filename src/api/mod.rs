@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cards;
 pub mod convert;
 mod debug;
+pub mod limiter;
 pub mod status;
 pub mod switch;
 

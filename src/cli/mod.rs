@@ -70,9 +70,31 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Write a new 256-bit master key (mode 0600); never overwrites one.
+    /// With --components N, write N key components for N custodians
+    /// instead (split knowledge): the key is their XOR, and no one
+    /// component tells anything about it. Prints the key check value.
     Keygen {
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
+        /// Split the key into this many components (2 to 9).
+        #[arg(long, default_value_t = 1)]
+        components: usize,
+    },
+    /// Key rotation: add a version, re-encrypt, see what needs which
+    /// version, retire one.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// The audit log: verify its chain, export it for a SIEM.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Restore a backup (from `vcn backup`) into an empty data directory,
     /// with the server stopped. The keys directory must hold the master key
@@ -96,6 +118,106 @@ enum Command {
     Remote(remote::RemoteCommand),
 }
 
+/// Where the vault is, for the key commands that read or change it.
+#[derive(clap::Args, Debug)]
+struct VaultArgs {
+    /// A TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The PostgreSQL store (as for `serve`).
+    #[arg(long, env = "VCN_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// The embedded engine's data directory [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The keys directory [default: ./keys].
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Write the next key version (a file, or --components N). New
+    /// records use it once the server has reloaded its keys: `kill -HUP`
+    /// the server (no downtime) or restart it. Older records are then
+    /// re-encrypted in the background.
+    Rotate {
+        #[arg(long, default_value = "keys")]
+        keys_dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        components: usize,
+    },
+    /// Per key version, how many records still need it. With the embedded
+    /// engine the server must be stopped (it holds the data directory);
+    /// with PostgreSQL it may run.
+    Status {
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+    /// Re-encrypt every record under the current key version now (the
+    /// server does the same in the background after a reload).
+    Reencrypt {
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+    /// Retire a key version nothing needs any more: it is forgotten by the
+    /// vault and its files are moved to KEYS_DIR/retired/, never read
+    /// again (destroy or archive them offline). Refused, with the count,
+    /// while records still need it.
+    Retire {
+        version: u32,
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Make a development CA, a server certificate for localhost and
+    /// 127.0.0.1, and a client certificate per --client: for trying TLS
+    /// and mTLS, never for production.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// A client to make a certificate for (repeat for several).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+}
+
+/// Which audit log, and its key.
+#[derive(clap::Args, Debug)]
+struct AuditArgs {
+    /// A TOML configuration file (for audit_log and keys_dir).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The audit log [default: audit.log beside the data directory].
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// The keys directory holding audit.key [default: ./keys].
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check every entry's MAC and the chain; names the first entry that
+    /// was edited, deleted, inserted or moved. Exit 0 intact, 1 broken.
+    Verify {
+        #[command(flatten)]
+        args: AuditArgs,
+    },
+    /// Write the entries as JSON lines on standard output.
+    Export {
+        #[command(flatten)]
+        args: AuditArgs,
+        /// Only entries at or after this time (RFC 3339, e.g.
+        /// 2025-01-31T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum ClientCommand {
     /// Register a client; its API key is printed once, as the last line.
@@ -106,6 +228,10 @@ enum ClientCommand {
         /// Pin a cards client to one cardholder (a widget's key).
         #[arg(long)]
         owner: Option<String>,
+        /// Identify the client by this TLS client certificate (PEM) instead
+        /// of an API key (mTLS: the server needs tls_client_ca).
+        #[arg(long)]
+        cert: Option<PathBuf>,
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
     },
@@ -214,9 +340,32 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(EXIT_UNAVAILABLE, e),
             }
         }
-        Command::Keygen { keys_dir } => match keyfile::generate(&keys_dir) {
-            Ok(path) => {
-                println!("wrote a new master key to {} (mode 0600)", path.display());
+        Command::Keygen {
+            keys_dir,
+            components,
+        } => match keyfile::generate_version(&keys_dir, 1, components) {
+            Ok(g) => {
+                print_generated(&g);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, e),
+        },
+        Command::Keys { command } => keys_command(command),
+        Command::Audit { command } => audit_command(command),
+        Command::Certs {
+            command: CertsCommand::Dev { out, clients },
+        } => match crate::certs::dev(&out, &clients) {
+            Ok(d) => {
+                println!("CA:     {}", d.ca.display());
+                println!(
+                    "server: {} {} (localhost, 127.0.0.1)",
+                    d.server_cert.display(),
+                    d.server_key.display()
+                );
+                for (name, c, k) in &d.clients {
+                    println!("client {name}: {} {}", c.display(), k.display());
+                }
+                println!("development certificates only: never use this CA in production");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(EXIT_USAGE, e),
@@ -282,12 +431,236 @@ fn restore(
     }
 }
 
+fn print_generated(g: &keyfile::Generated) {
+    if g.paths.len() == 1 {
+        println!(
+            "wrote a new master key (version {}) to {} (mode 0600)",
+            g.version,
+            g.paths[0].display()
+        );
+    } else {
+        println!(
+            "wrote {} key components of master key version {} (mode 0600 each):",
+            g.paths.len(),
+            g.version
+        );
+        for p in &g.paths {
+            println!("  {}", p.display());
+        }
+        println!("give each to its own custodian; the service needs all of them at start");
+    }
+    println!("key check value (KCV): {}", g.check_value);
+}
+
+fn vault_config(args: VaultArgs) -> Result<Config, ExitCode> {
+    let mut cfg = load_config(args.config, args.store)?;
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(k) = args.keys_dir {
+        cfg.keys_dir = k;
+    }
+    // Key commands never invent a key.
+    cfg.dev_keys = false;
+    Ok(cfg)
+}
+
+fn keys_command(command: KeysCommand) -> ExitCode {
+    let (vault_args, action) = match command {
+        KeysCommand::Rotate {
+            keys_dir,
+            components,
+        } => {
+            let next = keyfile::versions(&keys_dir)
+                .ok()
+                .into_iter()
+                .chain(keyfile::versions(&keys_dir.join(keyfile::RETIRED_DIR)).ok())
+                .flatten()
+                .max()
+                .unwrap_or(0)
+                + 1;
+            if next == 1 {
+                return fail(
+                    EXIT_USAGE,
+                    format!(
+                        "no key in {}: make the first with `vcn keygen`",
+                        keys_dir.display()
+                    ),
+                );
+            }
+            return match keyfile::generate_version(&keys_dir, next, components) {
+                Ok(g) => {
+                    print_generated(&g);
+                    println!("reload the running server's keys with `kill -HUP <pid>` (or restart it): new records then use version {next}, and older ones are re-encrypted in the background");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            };
+        }
+        KeysCommand::Status { vault } => (vault, KeysAction::Status),
+        KeysCommand::Reencrypt { vault } => (vault, KeysAction::Reencrypt),
+        KeysCommand::Retire { version, vault } => (vault, KeysAction::Retire(version)),
+    };
+    let cfg = match vault_config(vault_args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_UNAVAILABLE, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async {
+        let vault = match server::open_vault(&cfg, |s| s).await {
+            Ok(v) => v,
+            Err(e) => return fail(EXIT_UNAVAILABLE, e),
+        };
+        let code = match action {
+            KeysAction::Status => match vault.key_usage().await {
+                Ok(usage) => {
+                    let current = vault.keys().current_version();
+                    println!(
+                        "{:<8} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                        "VERSION", "SEALED", "PAN-INDEX", "FUND-INDEX", "LIVE-CVV", "NEEDED-BY"
+                    );
+                    for u in usage {
+                        let mark = if u.version == current { " (current)" } else { "" };
+                        println!(
+                            "{:<8} {:>8} {:>10} {:>10} {:>10} {:>10}{mark}",
+                            u.version,
+                            u.sealed,
+                            u.pan_index,
+                            u.funding_index,
+                            u.live_cvv,
+                            u.total()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, e),
+            },
+            KeysAction::Reencrypt => match vault.reencrypt_all().await {
+                Ok(r) => {
+                    println!(
+                        "re-encrypted {} of {} cards under key version {}",
+                        r.moved,
+                        r.cards,
+                        vault.keys().current_version()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, e),
+            },
+            KeysAction::Retire(version) => match vault.retire_version(version).await {
+                Ok(()) => match keyfile::retire(&cfg.keys_dir, version) {
+                    Ok(moved) => {
+                        println!("retired key version {version}; its files were moved where the service never reads them:");
+                        for p in moved {
+                            println!("  {}", p.display());
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(EXIT_UNAVAILABLE, e),
+                },
+                Err(e) => fail(EXIT_USAGE, e),
+            },
+        };
+        let _ = vault.sync().await;
+        code
+    })
+}
+
+fn audit_command(command: AuditCommand) -> ExitCode {
+    let (args, since) = match command {
+        AuditCommand::Verify { args } => (args, None),
+        AuditCommand::Export { args, since } => (args, Some(since)),
+    };
+    let cfg = match load_config(args.config, None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let log = args.log.unwrap_or_else(|| cfg.audit_path());
+    let keys_dir = args.keys_dir.unwrap_or(cfg.keys_dir);
+    match since {
+        None => {
+            let key = match crate::audit::load_key(&keys_dir, false) {
+                Ok(k) => k,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            match crate::audit::verify(&log, &key) {
+                Ok(crate::audit::Verdict::Intact(n)) => {
+                    println!("{}: intact, {n} entries", log.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(crate::audit::Verdict::Broken { line, reason }) => {
+                    println!("{}: BROKEN at line {line}: {reason}", log.display());
+                    ExitCode::from(EXIT_DECLINED)
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+        Some(since) => {
+            let since = match since
+                .as_deref()
+                .map(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                })
+                .transpose()
+            {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_USAGE, format!("--since: not an RFC 3339 time: {e}")),
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            match crate::audit::export(&log, since, &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_UNAVAILABLE, e),
+            }
+        }
+    }
+}
+
+enum KeysAction {
+    Status,
+    Reencrypt,
+    Retire(u32),
+}
+
 fn client_command(command: ClientCommand) -> ExitCode {
     match command {
         ClientCommand::Add {
             name,
             role,
             owner,
+            cert: Some(cert),
+            keys_dir,
+        } => {
+            let added = crate::certs::fingerprint_pem_file(&cert)
+                .map_err(|e| e.to_string())
+                .and_then(|fp| {
+                    clients::add_cert(&keys_dir, &name, role, owner.as_deref(), &fp)
+                        .map(|()| fp)
+                        .map_err(|e| e.to_string())
+                });
+            match added {
+                Ok(fp) => {
+                    println!(
+                        "added client {name} with role {}, identified by its certificate (SHA-256 {fp}); it needs no API key",
+                        role.as_str()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+        ClientCommand::Add {
+            name,
+            role,
+            owner,
+            cert: None,
             keys_dir,
         } => match clients::add(&keys_dir, &name, role, owner.as_deref()) {
             Ok(key) => {

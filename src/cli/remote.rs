@@ -270,6 +270,30 @@ fn usage(msg: impl Into<String>) -> Failure {
 
 type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 
+/// TLS for an https:// server: VCN_CA (the CA to trust, PEM), and for
+/// mTLS VCN_CERT and VCN_KEY (the client's certificate and key, PEM).
+fn client_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, Failure> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |var: &str| -> Result<Option<Vec<u8>>, Failure> {
+        match std::env::var(var) {
+            Ok(p) => std::fs::read(&p)
+                .map(Some)
+                .map_err(|e| usage(format!("{var}={p}: {e}"))),
+            Err(_) => Ok(None),
+        }
+    };
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = read("VCN_CA")? {
+        tls = tls.ca_certificate(Certificate::from_pem(ca));
+    }
+    match (read("VCN_CERT")?, read("VCN_KEY")?) {
+        (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(c, k)),
+        (None, None) => {}
+        _ => return Err(usage("VCN_CERT and VCN_KEY go together")),
+    }
+    Ok(Some(tls))
+}
+
 async fn connect(conn: &Connection) -> Result<InterceptedService<Channel, Auth>, Failure> {
     connect_with(conn, Some(std::time::Duration::from_secs(30))).await
 }
@@ -279,12 +303,20 @@ async fn connect_with(
     conn: &Connection,
     timeout: Option<std::time::Duration>,
 ) -> Result<InterceptedService<Channel, Auth>, Failure> {
-    let key = std::env::var("VCN_API_KEY").map_err(|_| {
-        usage("set VCN_API_KEY to the client's API key (vcn client add prints one)")
-    })?;
-    let header: MetadataValue<_> = format!("Bearer {key}")
-        .parse()
-        .map_err(|_| usage("VCN_API_KEY is not a valid key"))?;
+    let mtls = std::env::var("VCN_CERT").is_ok();
+    let header: Option<MetadataValue<_>> = match std::env::var("VCN_API_KEY") {
+        Ok(key) if !key.is_empty() => Some(
+            format!("Bearer {key}")
+                .parse()
+                .map_err(|_| usage("VCN_API_KEY is not a valid key"))?,
+        ),
+        _ if mtls => None,
+        _ => {
+            return Err(usage(
+                "set VCN_API_KEY to the client's API key (vcn client add prints one), or VCN_CERT and VCN_KEY for a client registered by certificate",
+            ))
+        }
+    };
     let endpoint = Channel::from_shared(conn.server.clone())
         .map_err(|_| {
             usage(format!(
@@ -293,10 +325,17 @@ async fn connect_with(
             ))
         })?
         .connect_timeout(std::time::Duration::from_secs(5));
-    let endpoint = match timeout {
+    let mut endpoint = match timeout {
         Some(t) => endpoint.timeout(t),
         None => endpoint,
     };
+    if conn.server.starts_with("https://") {
+        if let Some(tls) = client_tls()? {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| usage(format!("TLS: {e}")))?;
+        }
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         Failure(
             EXIT_UNAVAILABLE,
@@ -304,7 +343,9 @@ async fn connect_with(
         )
     })?;
     let auth: Auth = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
         Ok(req)
     });
     Ok(InterceptedService::new(channel, auth))

@@ -122,6 +122,26 @@ impl Keyring {
         })
     }
 
+    /// A keyring of every given master key version.
+    pub fn from_masters(masters: &BTreeMap<u32, MasterKey>) -> Option<Keyring> {
+        Keyring::new(
+            masters
+                .iter()
+                .map(|(v, k)| (*v, DataKeys::derive(k)))
+                .collect(),
+        )
+    }
+
+    /// The loaded versions, oldest first.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.versions.keys().copied()
+    }
+
+    /// The check value of a loaded version.
+    pub fn check_value(&self, v: u32) -> Option<&str> {
+        self.versions.get(&v).map(DataKeys::check_value)
+    }
+
     /// A keyring of one version, for tests and single-key installations.
     pub fn single(master: &MasterKey) -> Keyring {
         let mut versions = BTreeMap::new();
@@ -163,23 +183,24 @@ impl Keyring {
         Ok(out)
     }
 
-    /// A keyed hash of arbitrary request content, to recognise a retry
-    /// without storing what was sent.
-    pub fn fingerprint(&self, parts: &[&[u8]]) -> Vec<u8> {
-        let mut ctx = hmac::Context::with_key(&self.current().index);
+    /// A keyed hash of arbitrary request content under index key
+    /// `version`, to recognise a retry without storing what was sent.
+    pub fn fingerprint(&self, version: u32, parts: &[&[u8]]) -> Result<Vec<u8>, CryptoError> {
+        let mut ctx = hmac::Context::with_key(&self.version(version)?.index);
         ctx.update(b"vcn/fingerprint");
         for p in parts {
             ctx.update(&(p.len() as u64).to_be_bytes());
             ctx.update(p);
         }
-        ctx.sign().as_ref().to_vec()
+        Ok(ctx.sign().as_ref().to_vec())
     }
 
-    /// The CVV2 of a number and expiry: HMAC-SHA256 under the CVV key,
-    /// reduced to 3 decimal digits. Derived under the current version: CVV
-    /// keys are not rotated while cards are live.
-    pub fn cvv(&self, pan: &Pan, expiry: Expiry) -> Cvv {
-        let mut ctx = hmac::Context::with_key(&self.versions[&self.cvv_version()].cvv);
+    /// The CVV2 of a number and expiry: HMAC-SHA256 under the CVV key of
+    /// `version`, reduced to 3 decimal digits. A card keeps the CVV key
+    /// version it was issued under (its CVV is printed), so a version stays
+    /// needed while a live card uses it.
+    pub fn cvv(&self, version: u32, pan: &Pan, expiry: Expiry) -> Result<Cvv, CryptoError> {
+        let mut ctx = hmac::Context::with_key(&self.version(version)?.cvv);
         ctx.update(pan.expose().as_bytes());
         ctx.update(b"|");
         ctx.update(expiry.mmyy().as_bytes());
@@ -188,21 +209,44 @@ impl Keyring {
         let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) % 1000;
         let digits = Zeroizing::new(format!("{n:03}"));
         // Three digits always parse.
-        Cvv::parse(&digits).unwrap_or_else(|_| unreachable_cvv())
+        Ok(Cvv::parse(&digits).unwrap_or_else(|_| unreachable_cvv()))
     }
 
-    /// Whether `cvv` is the one derived for `pan` and `expiry`, compared in
-    /// constant time.
-    pub fn verify_cvv(&self, pan: &Pan, expiry: Expiry, cvv: &Cvv) -> bool {
-        let want = self.cvv(pan, expiry);
+    /// Whether `cvv` is the one derived for `pan` and `expiry` under CVV key
+    /// `version`, compared in constant time.
+    pub fn verify_cvv(
+        &self,
+        version: u32,
+        pan: &Pan,
+        expiry: Expiry,
+        cvv: &Cvv,
+    ) -> Result<bool, CryptoError> {
+        let want = self.cvv(version, pan, expiry)?;
         let (a, b) = (want.expose().as_bytes(), cvv.expose().as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        Ok(a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0)
     }
 
-    /// The CVV key is the first version's: keeping it stable means a
-    /// rotation does not change the CVV printed on live cards.
-    fn cvv_version(&self) -> u32 {
-        *self.versions.keys().next().unwrap_or(&self.current)
+    /// The same card's sealed numbers with its data key re-wrapped under
+    /// the current KEK (the numbers' ciphertexts are unchanged: they are
+    /// sealed under the card's own DEK). Used by key rotation.
+    pub fn rewrap(&self, card_id: &str, sealed: &Sealed) -> Result<Sealed, CryptoError> {
+        let kek = &self.version(sealed.key_version)?.kek;
+        let dek = Zeroizing::new(aead_open(
+            kek,
+            &sealed.wrapped_dek,
+            &dek_aad(card_id, sealed.key_version),
+        )?);
+        if dek.len() != KEY_LEN {
+            return Err(CryptoError::Open);
+        }
+        let version = self.current;
+        let wrapped_dek = self.aead_seal(&self.current().kek, &dek, &dek_aad(card_id, version))?;
+        Ok(Sealed {
+            key_version: version,
+            wrapped_dek,
+            funding_pan: sealed.funding_pan.clone(),
+            token_pan: sealed.token_pan.clone(),
+        })
     }
 
     /// Seals a card's numbers under a fresh DEK wrapped by the current KEK.
@@ -475,23 +519,27 @@ mod tests {
             month: 3,
             year: 2027,
         };
-        let cvv = k1.cvv(&token, exp);
+        let cvv = k1.cvv(1, &token, exp).unwrap();
         assert_eq!(cvv.expose().len(), 3);
-        assert!(k1.verify_cvv(&token, exp, &cvv));
-        assert!(!k1.verify_cvv(
-            &token,
-            Expiry {
-                month: 4,
-                year: 2027
-            },
-            &cvv
-        ));
+        assert!(k1.verify_cvv(1, &token, exp, &cvv).unwrap());
+        assert!(!k1
+            .verify_cvv(
+                1,
+                &token,
+                Expiry {
+                    month: 4,
+                    year: 2027
+                },
+                &cvv
+            )
+            .unwrap());
         let wrong = Cvv::parse(&format!(
             "{:03}",
             (cvv.expose().parse::<u32>().unwrap() + 1) % 1000
         ))
         .unwrap();
-        assert!(!k1.verify_cvv(&token, exp, &wrong));
+        assert!(!k1.verify_cvv(1, &token, exp, &wrong).unwrap());
+        assert_eq!(k1.cvv(2, &token, exp), Err(CryptoError::UnknownVersion(2)));
     }
 
     #[test]
@@ -502,7 +550,8 @@ mod tests {
         for m in 1..=12u8 {
             for y in 2026..2126u16 {
                 seen.insert(
-                    k.cvv(&token, Expiry { month: m, year: y })
+                    k.cvv(1, &token, Expiry { month: m, year: y })
+                        .unwrap()
                         .expose()
                         .to_string(),
                 );
@@ -524,6 +573,38 @@ mod tests {
         );
         assert_eq!(keyring(1).current().check_value().len(), 16);
         assert!(!format!("{:?}", keyring(1)).contains("0101"));
+    }
+
+    #[test]
+    fn rewrap_moves_a_card_to_the_new_kek_and_keeps_its_numbers() {
+        let (funding, token) = pans();
+        let mut masters = BTreeMap::new();
+        masters.insert(1, Zeroizing::new([1u8; KEY_LEN]));
+        let old = Keyring::from_masters(&masters).unwrap();
+        let sealed = old.seal("vc_1", &funding, &token).unwrap();
+        masters.insert(2, Zeroizing::new([2u8; KEY_LEN]));
+        let both = Keyring::from_masters(&masters).unwrap();
+        assert_eq!(both.current_version(), 2);
+        let moved = both.rewrap("vc_1", &sealed).unwrap();
+        assert_eq!(moved.key_version, 2);
+        masters.remove(&1);
+        let new_only = Keyring::from_masters(&masters).unwrap();
+        assert_eq!(new_only.open_funding("vc_1", &moved).unwrap(), funding);
+        assert_eq!(new_only.open_token("vc_1", &moved).unwrap(), token);
+        assert_eq!(
+            new_only.open_funding("vc_1", &sealed),
+            Err(CryptoError::UnknownVersion(1))
+        );
+        // The re-wrapped DEK is bound to its card id like the original.
+        assert!(matches!(
+            both.rewrap("vc_2", &sealed),
+            Err(CryptoError::Open)
+        ));
+        // Fingerprints and CVVs are per version.
+        assert_ne!(
+            both.fingerprint(1, &[b"x"]).unwrap(),
+            both.fingerprint(2, &[b"x"]).unwrap()
+        );
     }
 
     #[test]

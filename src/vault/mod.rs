@@ -13,10 +13,11 @@ pub mod records;
 pub mod sled_store;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use time::OffsetDateTime;
 
+use crate::audit::{Actor, Event, Recorder};
 use crate::domain::card::{ChangeError, PolicyBounds, PolicyInput};
 use crate::domain::decision::{self, Attempt, ResponseCode};
 use crate::domain::number::NumberPlan;
@@ -27,9 +28,10 @@ use crate::domain::{
 use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
 use crate::vault::events::{Delivered, EventHub};
 use crate::vault::records::{
-    append_events, card_key, decode, event_seq_key, funding_key, idempotency_key, owner_key,
-    owner_prefix, pan_key, reversal_key, txn_key, CardRecord, EventKind, EventRecord,
-    IdempotencyRecord, ReversalRecord, TxnRecord,
+    append_events, card_key, decode, event_seq_key, funding_key, funding_prefix, idempotency_key,
+    kcv_key, owner_key, owner_prefix, pan_key, pan_prefix, reversal_key, txn_key, version_or_1,
+    CardRecord, EventKind, EventRecord, IdempotencyRecord, ReversalRecord, TxnRecord, CARD_PREFIX,
+    KCV_PREFIX, KEY_CHECK_VALUE,
 };
 pub use crate::vault::store::{Store, StoreError, Write};
 
@@ -97,6 +99,9 @@ pub struct VaultConfig {
     pub retention: time::Duration,
     /// How long a purged card's number stays reserved.
     pub quarantine: time::Duration,
+    /// This instance's name in the audit log (instances sharing a
+    /// database each seal their own entries).
+    pub audit_instance: String,
 }
 
 /// Where the vault gets the time: the system clock in service, a fixed or
@@ -224,12 +229,44 @@ pub struct Detokenized {
 /// How many numbers to draw before giving up on a crowded BIN.
 const MAX_NUMBER_DRAWS: usize = 32;
 
+/// What still needs one key version (see [`Vault::key_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub version: u32,
+    /// Cards whose data key is wrapped under this version's KEK.
+    pub sealed: u64,
+    /// Card number index entries under this version's index key.
+    pub pan_index: u64,
+    /// Funding number index entries under this version's index key.
+    pub funding_index: u64,
+    /// Live cards (not used, closed or expired) whose printed CVV derives
+    /// from this version's CVV key.
+    pub live_cvv: u64,
+}
+
+impl KeyUsage {
+    /// Records that cannot be served without this version.
+    pub fn total(&self) -> u64 {
+        self.sealed + self.pan_index + self.funding_index + self.live_cvv
+    }
+}
+
+/// What a re-encryption pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reencrypted {
+    pub cards: u64,
+    pub moved: u64,
+}
+
 pub struct Vault {
     store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
+    /// The keyring, replaced whole when keys are reloaded (rotation).
+    keys: RwLock<Arc<Keyring>>,
     config: VaultConfig,
     clock: Clock,
     events: Arc<EventHub>,
+    /// Makes the audit entry each operation writes with its own writes.
+    audit: Recorder,
 }
 
 impl Vault {
@@ -242,38 +279,84 @@ impl Vault {
         config: VaultConfig,
         clock: Clock,
     ) -> Result<Vault, VaultError> {
-        let vault = Vault {
+        check_keys(store.as_ref(), &keys).await?;
+        let audit = Recorder::new(&config.audit_instance);
+        Ok(Vault {
             store,
-            keys,
+            keys: RwLock::new(keys),
             config,
             clock,
             events: Arc::new(EventHub::default()),
-        };
-        vault.check_keys().await?;
-        Ok(vault)
+            audit,
+        })
     }
 
-    async fn check_keys(&self) -> Result<(), VaultError> {
-        let kcv_key = records::KEY_CHECK_VALUE.to_vec();
-        let ours = self.keys.current().check_value().as_bytes().to_vec();
-        let mut stored = None;
-        self.store
-            .update(std::slice::from_ref(&kcv_key), &mut |v| {
-                stored = v[0].clone();
-                match &v[0] {
-                    Some(_) => vec![],
-                    None => vec![Write::Put(kcv_key.clone(), ours.clone())],
-                }
+    /// The store under the vault (the audit sealer shares it).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Writes one audit entry on its own, durably: for operations that
+    /// write nothing else (reads, refusals, key operations).
+    pub async fn record(&self, actor: &Actor, event: &Event) -> Result<(), VaultError> {
+        self.audit
+            .record(self.store.as_ref(), actor, event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, action = event.action, "audit entry not written: the operation fails");
+                VaultError::Unavailable(format!("the audit log cannot be written: {e}"))
             })
-            .await?;
-        match stored {
-            Some(s) if s != ours => Err(VaultError::FailedPrecondition(format!(
-                "the master key (check value {}) is not the one this vault was written with (check value {}): start with the right keys directory",
-                self.keys.current().check_value(),
-                String::from_utf8_lossy(&s)
-            ))),
-            _ => Ok(()),
-        }
+    }
+
+    /// Writes several audit entries in one durable update (the failed
+    /// authentications the interceptor hands over).
+    pub async fn record_batch(&self, entries: &[(Actor, Event)]) -> Result<(), VaultError> {
+        let writes: Vec<Write> = entries
+            .iter()
+            .map(|(a, e)| self.audit.write(a, e))
+            .collect();
+        self.store
+            .update(&[], &mut |_| writes.clone())
+            .await
+            .map_err(|e| VaultError::Unavailable(format!("the audit log cannot be written: {e}")))
+    }
+
+    /// Records a refused or failed operation. The caller's error stands
+    /// either way.
+    async fn record_error(&self, actor: &Actor, event: Event, e: &VaultError) {
+        let _ = self
+            .record(
+                actor,
+                &Event {
+                    outcome: format!("error: {e}"),
+                    ..event
+                },
+            )
+            .await;
+    }
+
+    /// The keyring in force (cheap: a shared pointer).
+    pub fn keys(&self) -> Arc<Keyring> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the keyring while serving (key rotation), after checking
+    /// it against the check values the vault recorded. Calls in flight
+    /// finish with the keyring they started with.
+    pub async fn reload_keys(&self, keys: Arc<Keyring>) -> Result<(), VaultError> {
+        check_keys(self.store.as_ref(), &keys).await?;
+        let versions: Vec<u32> = keys.versions().collect();
+        self.record(
+            &Actor::system("vcn"),
+            &Event::new("key_reload", "ok").detail(format!(
+                "versions={versions:?} current={}",
+                keys.current_version()
+            )),
+        )
+        .await?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        tracing::info!(?versions, "keyring reloaded");
+        Ok(())
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -282,28 +365,34 @@ impl Vault {
 
     fn random_id(&self, prefix: &str) -> Result<String, VaultError> {
         let mut b = [0u8; CardId::RANDOM_BYTES];
-        self.keys
+        self.keys()
             .fill_random(&mut b)
             .map_err(|e| VaultError::Internal(e.to_string()))?;
         Ok(format!("{prefix}{}", hex::encode(b)))
     }
 
     /// The card a number belongs to, under any loaded index key version.
+    /// While several versions are loaded a re-encryption may move the entry
+    /// from an old version to the newest between two reads, so a miss is
+    /// checked once more (a card moves at most once per rotation).
     async fn find_card(&self, pan: &Pan) -> Result<Option<CardId>, VaultError> {
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
-                .pan_index(v, pan)
-                .map_err(|e| VaultError::Internal(e.to_string()))?;
-            if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
-                if purge::tombstone_until(&id).is_some() {
-                    // A purged card's number: reserved, mapping to nothing.
-                    return Ok(None);
+        let keys = self.keys();
+        let passes = if keys.versions().count() > 1 { 2 } else { 1 };
+        for _ in 0..passes {
+            for v in keys.index_versions() {
+                let idx = keys
+                    .pan_index(v, pan)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
+                    if purge::tombstone_until(&id).is_some() {
+                        // A purged card's number: reserved, mapping to nothing.
+                        return Ok(None);
+                    }
+                    let id = String::from_utf8(id).unwrap_or_default();
+                    return CardId::parse("card_id", &id).map(Some).map_err(|_| {
+                        VaultError::Internal("a stored number index entry is unreadable".into())
+                    });
                 }
-                let id = String::from_utf8(id).unwrap_or_default();
-                return CardId::parse("card_id", &id).map(Some).map_err(|_| {
-                    VaultError::Internal("a stored number index entry is unreadable".into())
-                });
             }
         }
         Ok(None)
@@ -312,9 +401,9 @@ impl Vault {
     /// Whether `pan` may not be issued: a card's number (live, ended or
     /// purged and still in quarantine) or a known funding card.
     pub async fn number_in_use(&self, pan: &Pan) -> Result<bool, VaultError> {
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
+        let keys = self.keys();
+        for v in keys.index_versions() {
+            let idx = keys
                 .pan_index(v, pan)
                 .map_err(|e| VaultError::Internal(e.to_string()))?;
             if self.store.get(&pan_key(v, &idx)).await?.is_some() {
@@ -326,13 +415,16 @@ impl Vault {
 
     /// Whether `pan` was ever seen as a funding card, under any version.
     async fn is_known_funding(&self, pan: &Pan) -> Result<bool, VaultError> {
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
-                .pan_index(v, pan)
-                .map_err(|e| VaultError::Internal(e.to_string()))?;
-            if self.store.get(&funding_key(v, &idx)).await?.is_some() {
-                return Ok(true);
+        let keys = self.keys();
+        let passes = if keys.versions().count() > 1 { 2 } else { 1 };
+        for _ in 0..passes {
+            for v in keys.index_versions() {
+                let idx = keys
+                    .pan_index(v, pan)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                if self.store.get(&funding_key(v, &idx)).await?.is_some() {
+                    return Ok(true);
+                }
             }
         }
         Ok(false)
@@ -347,7 +439,12 @@ impl Vault {
         decode("card", &bytes)
     }
 
-    fn issue_fingerprint(&self, req: &IssueRequest) -> Vec<u8> {
+    fn issue_fingerprint(
+        &self,
+        keys: &Keyring,
+        version: u32,
+        req: &IssueRequest,
+    ) -> Result<Vec<u8>, VaultError> {
         let p = &req.policy;
         let money = |m: Option<Money>| {
             m.map(|m| format!("{}{}", m.amount_minor(), m.currency()))
@@ -358,33 +455,40 @@ impl Vault {
             .valid_until
             .map(|t| t.unix_timestamp().to_string())
             .unwrap_or_default();
-        self.keys.fingerprint(&[
-            b"issue",
-            req.funding_pan.expose().as_bytes(),
-            money(Some(p.spend_limit)).as_bytes(),
-            money(p.per_transaction_limit).as_bytes(),
-            &p.max_uses.max(1).to_be_bytes(),
-            valid_until.as_bytes(),
-            p.merchant_id
-                .as_ref()
-                .map(MerchantId::as_str)
-                .unwrap_or("")
-                .as_bytes(),
-            &[u8::from(p.lock_to_first_merchant)],
-            mccs(&p.allowed_mccs).as_bytes(),
-            mccs(&p.blocked_mccs).as_bytes(),
-        ])
+        keys.fingerprint(
+            version,
+            &[
+                b"issue",
+                req.funding_pan.expose().as_bytes(),
+                money(Some(p.spend_limit)).as_bytes(),
+                money(p.per_transaction_limit).as_bytes(),
+                &p.max_uses.max(1).to_be_bytes(),
+                valid_until.as_bytes(),
+                p.merchant_id
+                    .as_ref()
+                    .map(MerchantId::as_str)
+                    .unwrap_or("")
+                    .as_bytes(),
+                &[u8::from(p.lock_to_first_merchant)],
+                mccs(&p.allowed_mccs).as_bytes(),
+                mccs(&p.blocked_mccs).as_bytes(),
+            ],
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))
     }
 
     /// The card an idempotency key already made, with its number and CVV.
     async fn replay_issue(
         &self,
         record: &[u8],
-        fingerprint: &[u8],
+        req: &IssueRequest,
         scope: Scope<'_>,
     ) -> Result<IssuedCard, VaultError> {
+        let keys = self.keys();
         let idem: IdempotencyRecord = decode("idempotency", record)?;
-        if idem.fingerprint != fingerprint {
+        let fingerprint =
+            self.issue_fingerprint(&keys, version_or_1(idem.fingerprint_version), req);
+        if fingerprint.ok().as_ref() != Some(&idem.fingerprint) {
             return Err(VaultError::AlreadyExists(
                 "idempotency_key was already used for a card with other parameters".into(),
             ));
@@ -397,11 +501,12 @@ impl Vault {
         if !scope.allows(&card.owner) {
             return Err(VaultError::NotFound(format!("card {id}")));
         }
-        let pan = self
-            .keys
+        let pan = keys
             .open_token(id.as_str(), &rec.sealed()?)
             .map_err(crypto_error(id.as_str()))?;
-        let cvv = self.keys.cvv(&pan, card.expiry);
+        let cvv = keys
+            .cvv(version_or_1(rec.cvv_key_version), &pan, card.expiry)
+            .map_err(crypto_error(id.as_str()))?;
         Ok(IssuedCard {
             card,
             pan,
@@ -410,8 +515,33 @@ impl Vault {
         })
     }
 
-    /// Issues a new virtual card.
-    pub async fn issue(&self, req: IssueRequest) -> Result<IssuedCard, VaultError> {
+    /// Issues a new virtual card, audited.
+    pub async fn issue(&self, req: IssueRequest, actor: &Actor) -> Result<IssuedCard, VaultError> {
+        let event = Event::new("issue", "ok").detail(format!("owner={}", req.owner));
+        match self.issue_card(req, actor).await {
+            Ok(c) if c.replayed => {
+                let event = event
+                    .card(c.card.id.as_str())
+                    .pan(c.card.masked_pan.clone());
+                self.record(
+                    actor,
+                    &Event {
+                        outcome: "ok: idempotent replay".into(),
+                        ..event
+                    },
+                )
+                .await?;
+                Ok(c)
+            }
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.record_error(actor, event, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn issue_card(&self, req: IssueRequest, actor: &Actor) -> Result<IssuedCard, VaultError> {
         let now = self.now();
         let mut policy = CardPolicy::new(req.policy.clone(), now, self.config.bounds)?;
         policy.valid_until = policy
@@ -423,7 +553,9 @@ impl Vault {
             .check_len(req.funding_pan.len())
             .map_err(|e| FieldError::new("funding_pan", e.to_string()))?;
 
-        let fingerprint = self.issue_fingerprint(&req);
+        let keys = self.keys();
+        let version = keys.current_version();
+        let fingerprint = self.issue_fingerprint(&keys, version, &req)?;
         let idem_key = req
             .idempotency_key
             .as_deref()
@@ -431,7 +563,7 @@ impl Vault {
         if let Some(k) = &idem_key {
             if let Some(existing) = self.store.get(k).await? {
                 return self
-                    .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                    .replay_issue(&existing, &req, Scope::Owner(&req.owner))
                     .await;
             }
         }
@@ -443,17 +575,13 @@ impl Vault {
             .into());
         }
 
-        let version = self.keys.current_version();
         let crypto = |e: CryptoError| VaultError::Internal(e.to_string());
-        let funding_idx = self
-            .keys
-            .pan_index(version, &req.funding_pan)
-            .map_err(crypto)?;
+        let funding_idx = keys.pan_index(version, &req.funding_pan).map_err(crypto)?;
         let expiry = Expiry::of(policy.valid_until);
 
         for _ in 0..MAX_NUMBER_DRAWS {
             let pan = {
-                let mut rng = RandomDigits::new(&self.keys);
+                let mut rng = RandomDigits::new(&keys);
                 let pan = self
                     .config
                     .plan
@@ -469,7 +597,7 @@ impl Vault {
             if pan == req.funding_pan || self.number_in_use(&pan).await? {
                 continue;
             }
-            let idx = self.keys.pan_index(version, &pan).map_err(crypto)?;
+            let idx = keys.pan_index(version, &pan).map_err(crypto)?;
             let id = CardId::parse("card_id", &self.random_id("vc_")?)?;
             let card = Card {
                 id: id.clone(),
@@ -484,11 +612,13 @@ impl Vault {
                 failed_verifications: 0,
                 created_at: now,
             };
-            let sealed = self
-                .keys
+            let sealed = keys
                 .seal(id.as_str(), &req.funding_pan, &pan)
                 .map_err(crypto)?;
-            let record = prost::Message::encode_to_vec(&CardRecord::new(&card, &sealed));
+            let cvv = keys.cvv(version, &pan, expiry).map_err(crypto)?;
+            let mut card_record = CardRecord::new(&card, &sealed);
+            card_record.cvv_key_version = version;
+            let record = prost::Message::encode_to_vec(&card_record);
 
             let mut keys = vec![pan_key(version, &idx), funding_key(version, &idx)];
             keys.extend(idem_key.clone());
@@ -524,7 +654,12 @@ impl Vault {
                         }
                     };
                     outcome = Outcome::Created;
+                    let event = Event::new("issue", "ok")
+                        .card(id.as_str())
+                        .pan(card.masked_pan.clone())
+                        .detail(format!("owner={}", card.owner));
                     let mut w = vec![
+                        self.audit.write(actor, &event),
                         Write::Put(card_key(&id), record.clone()),
                         Write::Put(keys[0].clone(), id.as_str().as_bytes().to_vec()),
                         Write::Put(funding_key(version, &funding_idx), vec![]),
@@ -534,6 +669,7 @@ impl Vault {
                         let rec = IdempotencyRecord {
                             fingerprint: fingerprint.clone(),
                             card_id: id.as_str().to_string(),
+                            fingerprint_version: version,
                         };
                         w.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&rec)));
                     }
@@ -546,12 +682,11 @@ impl Vault {
                 Outcome::Failed(e) => return Err(e),
                 Outcome::IdempotencyRace(existing) => {
                     return self
-                        .replay_issue(&existing, &fingerprint, Scope::Owner(&req.owner))
+                        .replay_issue(&existing, &req, Scope::Owner(&req.owner))
                         .await
                 }
                 Outcome::Created => {
                     self.events.published(&card.owner);
-                    let cvv = self.keys.cvv(&pan, expiry);
                     tracing::info!(card_id = %id, pan = %card.masked_pan, owner = %card.owner, "card issued");
                     return Ok(IssuedCard {
                         card,
@@ -619,6 +754,7 @@ impl Vault {
         &self,
         id: &CardId,
         scope: Scope<'_>,
+        actor: &Actor,
         action: &'static str,
         kind: EventKind,
         change: &(dyn Fn(&mut Card) -> Result<(), ChangeError> + Sync),
@@ -649,12 +785,19 @@ impl Vault {
                     }
                     let before = card.clone();
                     change(&mut card)?;
+                    let event = Event::new(action, "ok")
+                        .card(id.as_str())
+                        .pan(card.masked_pan.clone())
+                        .detail(format!("state={}", card.state.as_str()));
+                    let audit = self.audit.write(actor, &event);
                     if card == before {
-                        return Ok((card, vec![]));
+                        return Ok((card, vec![audit]));
                     }
                     rec.set_card(&card);
-                    let mut writes =
-                        vec![Write::Put(key.clone(), prost::Message::encode_to_vec(&rec))];
+                    let mut writes = vec![
+                        audit,
+                        Write::Put(key.clone(), prost::Message::encode_to_vec(&rec)),
+                    ];
                     writes.extend(append_events(
                         &card.owner,
                         v[1].as_deref(),
@@ -666,27 +809,55 @@ impl Vault {
                 outcome_writes(&mut result, step())
             })
             .await?;
-        if let Ok(card) = &result {
-            if published {
-                self.events.published(&card.owner);
+        match &result {
+            Ok(card) => {
+                if published {
+                    self.events.published(&card.owner);
+                }
+                tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed")
             }
-            tracing::info!(card_id = %id, state = card.state.as_str(), action, "card changed");
+            Err(e) => {
+                self.record_error(actor, Event::new(action, "").card(id.as_str()), e)
+                    .await
+            }
         }
         result
     }
 
-    pub async fn pause(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "pause", EventKind::Paused, &Card::pause)
+    pub async fn pause(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, actor, "pause", EventKind::Paused, &Card::pause)
             .await
     }
 
-    pub async fn resume(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "resume", EventKind::Resumed, &Card::resume)
-            .await
+    pub async fn resume(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(
+            id,
+            scope,
+            actor,
+            "resume",
+            EventKind::Resumed,
+            &Card::resume,
+        )
+        .await
     }
 
-    pub async fn close(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
-        self.modify(id, scope, "close", EventKind::Closed, &Card::close)
+    pub async fn close(
+        &self,
+        id: &CardId,
+        scope: Scope<'_>,
+        actor: &Actor,
+    ) -> Result<Card, VaultError> {
+        self.modify(id, scope, actor, "close", EventKind::Closed, &Card::close)
             .await
     }
 
@@ -694,63 +865,79 @@ impl Vault {
         &self,
         id: &CardId,
         scope: Scope<'_>,
+        actor: &Actor,
         spend_limit: Option<Money>,
         per_transaction_limit: Option<Option<Money>>,
     ) -> Result<Card, VaultError> {
         self.modify(
             id,
             scope,
-            "update limits",
+            actor,
+            "update_limits",
             EventKind::LimitsChanged,
             &move |c: &mut Card| c.update_limits(spend_limit, per_transaction_limit),
         )
         .await
     }
 
-    fn authorize_fingerprint(&self, req: &AuthorizeRequest) -> Vec<u8> {
+    fn authorize_fingerprint(
+        keys: &Keyring,
+        version: u32,
+        req: &AuthorizeRequest,
+    ) -> Result<Vec<u8>, VaultError> {
         let digits = req.pan.digits();
-        self.keys.fingerprint(&[
-            b"authorize",
-            req.transaction_id.as_bytes(),
-            digits.as_bytes(),
-            req.expiry.mmyy().as_bytes(),
-            req.cvv.expose().as_bytes(),
-            &req.amount.amount_minor().to_be_bytes(),
-            req.amount.currency().code().as_bytes(),
-            req.merchant_id
-                .as_ref()
-                .map(MerchantId::as_str)
-                .unwrap_or("")
-                .as_bytes(),
-            req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
-        ])
+        keys.fingerprint(
+            version,
+            &[
+                b"authorize",
+                req.transaction_id.as_bytes(),
+                digits.as_bytes(),
+                req.expiry.mmyy().as_bytes(),
+                req.cvv.expose().as_bytes(),
+                &req.amount.amount_minor().to_be_bytes(),
+                req.amount.currency().code().as_bytes(),
+                req.merchant_id
+                    .as_ref()
+                    .map(MerchantId::as_str)
+                    .unwrap_or("")
+                    .as_bytes(),
+                req.mcc.as_ref().map(Mcc::as_str).unwrap_or("").as_bytes(),
+            ],
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))
     }
 
     /// Decides one authorisation, exactly once per transaction id.
-    pub async fn authorize(&self, req: &AuthorizeRequest) -> Result<AuthorizeOutcome, VaultError> {
+    pub async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+        actor: &Actor,
+    ) -> Result<AuthorizeOutcome, VaultError> {
         let now = self.now();
-        let fingerprint = self.authorize_fingerprint(req);
+        let keys = self.keys();
+        let fingerprint = Self::authorize_fingerprint(&keys, keys.current_version(), req)?;
         let card_id = match &req.pan {
             Presented::Pan(p) => self.find_card(p).await?,
             Presented::BadLuhn(_) => None,
         };
         let authorization_id = self.random_id("au_")?;
         let tkey = txn_key(&req.transaction_id);
-        let mut keys = vec![tkey.clone()];
-        keys.extend(card_id.as_ref().map(card_key));
+        let mut store_keys = vec![tkey.clone()];
+        store_keys.extend(card_id.as_ref().map(card_key));
         // The card's owner (which never changes), to lock the owner's event
         // sequence with the card: one more key, the owner's own.
         let owner = match &card_id {
             Some(id) => Some(self.load(id).await?.card()?.owner),
             None => None,
         };
-        keys.extend(owner.as_ref().map(event_seq_key));
+        store_keys.extend(owner.as_ref().map(event_seq_key));
         let mut published = false;
 
         let mut result: Result<AuthorizeOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
         self.store
-            .update(&keys, &mut |v| match self.decide(
+            .update(&store_keys, &mut |v| match self.decide(
+                &keys,
                 req,
                 &fingerprint,
                 card_id.as_ref(),
@@ -758,9 +945,10 @@ impl Vault {
                 now,
                 v,
             ) {
-                Ok((outcome, writes)) => {
+                Ok((outcome, mut writes)) => {
                     // An unknown number writes its transaction only.
                     published = owner.is_some() && writes.len() > 1;
+                    writes.push(self.audit.write(actor, &authorize_event(req, Ok(&outcome))));
                     result = Ok(outcome);
                     writes
                 }
@@ -772,6 +960,9 @@ impl Vault {
             .await?;
         if let (true, Some(owner), Ok(_)) = (published, &owner, &result) {
             self.events.published(owner);
+        }
+        if let Err(e) = &result {
+            let _ = self.record(actor, &authorize_event(req, Err(e))).await;
         }
         if let Ok(o) = &result {
             if !o.replayed {
@@ -796,8 +987,10 @@ impl Vault {
 
     /// The pure part of `authorize`, run under the store's lock: from the
     /// current transaction and card records to the answer and the writes.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
+        keys: &Keyring,
         req: &AuthorizeRequest,
         fingerprint: &[u8],
         card_id: Option<&CardId>,
@@ -815,8 +1008,7 @@ impl Vault {
             None => None,
         };
         let funding = |rec: &CardRecord| {
-            self.keys
-                .open_funding(&rec.card_id, &rec.sealed()?)
+            keys.open_funding(&rec.card_id, &rec.sealed()?)
                 .map_err(crypto_error(&rec.card_id))
         };
 
@@ -824,7 +1016,15 @@ impl Vault {
         // answer, another request gets 94.
         if let Some(bytes) = &v[0] {
             let t: TxnRecord = decode("transaction", bytes)?;
-            if t.fingerprint != fingerprint {
+            let stored_version = version_or_1(t.fingerprint_version);
+            let same = if stored_version == keys.current_version() {
+                t.fingerprint == fingerprint
+            } else {
+                // Decided before a key rotation: compare under its version.
+                Self::authorize_fingerprint(keys, stored_version, req).ok()
+                    == Some(t.fingerprint.clone())
+            };
+            if !same {
                 return Ok((
                     AuthorizeOutcome {
                         code: ResponseCode::DuplicateTransaction,
@@ -863,6 +1063,7 @@ impl Vault {
             amount: req.amount.amount_minor(),
             currency: req.amount.currency().code().to_string(),
             decided_at: now.unix_timestamp(),
+            fingerprint_version: keys.current_version(),
             ..Default::default()
         };
         let (Some(mut rec), Some(id), Presented::Pan(pan)) = (card_rec, card_id, &req.pan) else {
@@ -885,9 +1086,21 @@ impl Vault {
         };
 
         let mut card = rec.card()?;
+        let cvv_ok = match keys.verify_cvv(
+            version_or_1(rec.cvv_key_version),
+            pan,
+            card.expiry,
+            &req.cvv,
+        ) {
+            Ok(ok) => ok,
+            // The CVV key of a card that can no longer approve (final or
+            // expired) may be retired: its state or expiry declines it.
+            Err(_) if card.state.is_final() || now > card.policy.valid_until => true,
+            Err(e) => return Err(crypto_error(id.as_str())(e)),
+        };
         let attempt = Attempt {
             expiry: req.expiry,
-            cvv_ok: self.keys.verify_cvv(pan, card.expiry, &req.cvv),
+            cvv_ok,
             amount: req.amount,
             merchant_id: req.merchant_id.as_ref(),
             mcc: req.mcc,
@@ -969,7 +1182,25 @@ impl Vault {
     }
 
     /// Undoes all or part of an approved authorisation.
-    pub async fn reverse(&self, req: &ReverseRequest) -> Result<ReverseOutcome, VaultError> {
+    pub async fn reverse(
+        &self,
+        req: &ReverseRequest,
+        actor: &Actor,
+    ) -> Result<ReverseOutcome, VaultError> {
+        let result = self.reverse_txn(req, actor).await;
+        if let Err(e) = &result {
+            let event =
+                Event::new("reverse", "").detail(format!("transaction_id={}", req.transaction_id));
+            self.record_error(actor, event, e).await;
+        }
+        result
+    }
+
+    async fn reverse_txn(
+        &self,
+        req: &ReverseRequest,
+        actor: &Actor,
+    ) -> Result<ReverseOutcome, VaultError> {
         let tkey = txn_key(&req.transaction_id);
         let txn: TxnRecord = match self.store.get(&tkey).await? {
             Some(b) => decode("transaction", &b)?,
@@ -980,42 +1211,56 @@ impl Vault {
                 )))
             }
         };
-        let fingerprint = self.keys.fingerprint(&[
-            b"reverse",
-            req.transaction_id.as_bytes(),
-            req.amount
-                .map(|m| format!("{}{}", m.amount_minor(), m.currency()))
-                .unwrap_or_default()
-                .as_bytes(),
-        ]);
+        let keys = self.keys();
+        let reverse_fingerprint = |version: u32| {
+            keys.fingerprint(
+                version,
+                &[
+                    b"reverse",
+                    req.transaction_id.as_bytes(),
+                    req.amount
+                        .map(|m| format!("{}{}", m.amount_minor(), m.currency()))
+                        .unwrap_or_default()
+                        .as_bytes(),
+                ],
+            )
+            .map_err(|e| VaultError::Internal(e.to_string()))
+        };
+        let fingerprint = reverse_fingerprint(keys.current_version())?;
         let card_id = CardId::parse("card_id", &txn.card_id).ok();
-        let mut keys = vec![tkey.clone()];
-        keys.push(
+        let mut store_keys = vec![tkey.clone()];
+        store_keys.push(
             card_id
                 .as_ref()
                 .map(card_key)
                 .unwrap_or_else(|| tkey.clone()),
         );
         let rkey = req.reversal_id.as_deref().map(reversal_key);
-        keys.extend(rkey.clone());
+        store_keys.extend(rkey.clone());
         let owner = match &card_id {
             Some(id) => Some(self.load(id).await?.card()?.owner),
             None => None,
         };
-        let seq_at = keys.len();
-        keys.extend(owner.as_ref().map(event_seq_key));
+        let seq_at = store_keys.len();
+        store_keys.extend(owner.as_ref().map(event_seq_key));
         let now = self.now();
         let mut published = false;
 
         let mut result: Result<ReverseOutcome, VaultError> =
             Err(VaultError::Internal("no decision made".into()));
         self.store
-            .update(&keys, &mut |v| {
+            .update(&store_keys, &mut |v| {
                 published = false;
                 let mut step = || -> Result<(ReverseOutcome, Vec<Write>), VaultError> {
                     if let (Some(Some(prev)), Some(_)) = (v.get(2), &rkey) {
                         let r: ReversalRecord = decode("reversal", prev)?;
-                        if r.fingerprint != fingerprint {
+                        let stored_version = version_or_1(r.fingerprint_version);
+                        let same = if stored_version == keys.current_version() {
+                            r.fingerprint == fingerprint
+                        } else {
+                            reverse_fingerprint(stored_version).ok() == Some(r.fingerprint.clone())
+                        };
+                        if !same {
                             return Ok((
                                 ReverseOutcome {
                                     reversed: false,
@@ -1111,12 +1356,43 @@ impl Vault {
                             response_code: outcome.response_code.to_string(),
                             remaining: outcome.remaining.map(Money::amount_minor),
                             currency: card.policy.spend_limit.currency().code().to_string(),
+                            fingerprint_version: keys.current_version(),
                         };
                         writes.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&r)));
                     }
                     Ok((outcome, writes))
                 };
-                outcome_writes(&mut result, step())
+                match step() {
+                    Ok((o, mut w)) => {
+                        let event = Event::new(
+                            "reverse",
+                            format!(
+                                "{} {}",
+                                o.response_code,
+                                if o.reversed {
+                                    "reversed"
+                                } else {
+                                    "not reversed"
+                                }
+                            ),
+                        )
+                        .card(&txn.card_id)
+                        .detail(format!(
+                            "transaction_id={} amount={}",
+                            req.transaction_id,
+                            req.amount
+                                .map(|m| m.to_string())
+                                .unwrap_or_else(|| "all".into())
+                        ));
+                        w.push(self.audit.write(actor, &event));
+                        result = Ok(o);
+                        w
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
             })
             .await?;
         if let (true, Some(owner), Ok(_)) = (published, &owner, &result) {
@@ -1128,14 +1404,29 @@ impl Vault {
         result
     }
 
-    /// The funding card of any number this vault issued, in any state.
-    pub async fn detokenize(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
+    /// The funding card of any number this vault issued, in any state. The
+    /// audit entry is durable before the number is returned.
+    pub async fn detokenize(&self, pan: &Pan, actor: &Actor) -> Result<Detokenized, VaultError> {
+        let event = Event::new("detokenize", "ok").pan(pan.masked());
+        match self.detokenize_pan(pan).await {
+            Ok(d) => {
+                self.record(actor, &event.card(d.card_id.as_str())).await?;
+                Ok(d)
+            }
+            Err(e) => {
+                self.record_error(actor, event, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn detokenize_pan(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
         let not_found = || VaultError::NotFound(format!("card number {}", pan.masked()));
         let id = self.find_card(pan).await?.ok_or_else(not_found)?;
         let rec = self.load(&id).await?;
         let card = rec.card()?;
         let funding_pan = self
-            .keys
+            .keys()
             .open_funding(id.as_str(), &rec.sealed()?)
             .map_err(crypto_error(id.as_str()))?;
         tracing::info!(card_id = %id, pan = %pan.masked(), "number detokenised");
@@ -1237,6 +1528,362 @@ fn outcome_writes<T>(
             *result = Err(e);
             vec![]
         }
+    }
+}
+
+/// Checks every version of `keys` against the check value the vault
+/// recorded for it (recording it the first time), and that every version
+/// the vault recorded and did not retire is loaded.
+async fn check_keys(store: &dyn Store, keys: &Keyring) -> Result<(), VaultError> {
+    for v in keys.versions() {
+        let key = kcv_key(v);
+        let ours = keys.check_value(v).unwrap_or_default().as_bytes().to_vec();
+        let mut stored = None;
+        store
+            .update(std::slice::from_ref(&key), &mut |vals| {
+                stored = vals[0].clone();
+                match &vals[0] {
+                    Some(_) => vec![],
+                    None => vec![Write::Put(key.clone(), ours.clone())],
+                }
+            })
+            .await?;
+        if let Some(s) = stored.filter(|s| *s != ours) {
+            let which = if v == 1 {
+                "the master key".to_string()
+            } else {
+                format!("the master key of version {v}")
+            };
+            return Err(VaultError::FailedPrecondition(format!(
+                "{which} (check value {}) is not the one this vault was written with (check value {}): start with the right keys directory",
+                keys.check_value(v).unwrap_or_default(),
+                String::from_utf8_lossy(&s)
+            )));
+        }
+    }
+    let loaded: Vec<u32> = keys.versions().collect();
+    for v in recorded_versions(store).await? {
+        if !loaded.contains(&v) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {v} holds data in this vault but is not in the keys directory (it was never retired with `vcn keys retire {v}`): restore its key file or components"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The key versions whose check value the vault holds (not retired).
+/// Whether `store` holds a vault: a key check value of any version is
+/// recorded (version 1's is gone once that version is retired).
+pub async fn store_has_vault(store: &dyn Store) -> Result<bool, VaultError> {
+    Ok(!recorded_versions(store).await?.is_empty())
+}
+
+async fn recorded_versions(store: &dyn Store) -> Result<Vec<u32>, VaultError> {
+    let mut out = vec![];
+    if store.get(KEY_CHECK_VALUE).await?.is_some() {
+        out.push(1);
+    }
+    for (k, _) in store.scan(KCV_PREFIX, None, 10_000).await? {
+        if let Ok(b) = <[u8; 4]>::try_from(&k[KCV_PREFIX.len()..]) {
+            out.push(u32::from_be_bytes(b));
+        }
+    }
+    Ok(out)
+}
+
+/// Key rotation: what needs which version, moving records to the current
+/// version, and retiring a version nothing needs any more.
+impl Vault {
+    /// Calls `each` for every stored entry under `prefix`, page by page.
+    async fn for_each(
+        &self,
+        prefix: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), VaultError>,
+    ) -> Result<(), VaultError> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(prefix, after.as_deref(), 512).await?;
+            for (k, v) in &page {
+                each(k, v)?;
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 512 => after = Some(k.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// For every loaded or recorded key version, what still needs it.
+    pub async fn key_usage(&self) -> Result<Vec<KeyUsage>, VaultError> {
+        let keys = self.keys();
+        let mut versions: Vec<u32> = keys.versions().collect();
+        for v in recorded_versions(self.store.as_ref()).await? {
+            if !versions.contains(&v) {
+                versions.push(v);
+            }
+        }
+        versions.sort_unstable();
+        let mut usage: Vec<KeyUsage> = versions
+            .iter()
+            .map(|&version| KeyUsage {
+                version,
+                ..KeyUsage::default()
+            })
+            .collect();
+        let now = self.now().unix_timestamp();
+        self.for_each(CARD_PREFIX, |_, bytes| {
+            let rec: CardRecord = decode("card", bytes)?;
+            let sealed = rec.sealed.as_ref().map(|s| version_or_1(s.key_version));
+            let live = !matches!(rec.state, 4 | 5) && rec.valid_until >= now;
+            for u in usage.iter_mut() {
+                if sealed == Some(u.version) {
+                    u.sealed += 1;
+                }
+                if live && version_or_1(rec.cvv_key_version) == u.version {
+                    u.live_cvv += 1;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        for u in usage.iter_mut() {
+            let (mut p, mut f) = (0, 0);
+            self.for_each(&pan_prefix(u.version), |_, _| {
+                p += 1;
+                Ok(())
+            })
+            .await?;
+            self.for_each(&funding_prefix(u.version), |_, _| {
+                f += 1;
+                Ok(())
+            })
+            .await?;
+            (u.pan_index, u.funding_index) = (p, f);
+        }
+        Ok(usage)
+    }
+
+    /// Moves one card to the current key version: its data key re-wrapped
+    /// under the current KEK, its number and funding index entries re-made
+    /// under the current index key (the old ones removed), in one update,
+    /// so lookups find it at every moment. Its CVV key version is kept (the
+    /// CVV is printed on the card). Returns whether anything changed.
+    async fn reencrypt_card(&self, keys: &Keyring, id: &CardId) -> Result<bool, VaultError> {
+        let current = keys.current_version();
+        let crypto = crypto_error(id.as_str());
+        let rec = self.load(id).await?;
+        let sealed = rec.sealed()?;
+        let token = keys.open_token(id.as_str(), &sealed).map_err(&crypto)?;
+        let funding = keys.open_funding(id.as_str(), &sealed).map_err(&crypto)?;
+        let index = |v: u32| -> Result<(Vec<u8>, Vec<u8>), VaultError> {
+            Ok((
+                pan_key(v, &keys.pan_index(v, &token).map_err(&crypto)?),
+                funding_key(v, &keys.pan_index(v, &funding).map_err(&crypto)?),
+            ))
+        };
+        let (new_p, new_f) = index(current)?;
+        let mut names = vec![card_key(id), new_p.clone(), new_f.clone()];
+        for v in keys.versions().filter(|&v| v != current) {
+            let (p, f) = index(v)?;
+            names.push(p);
+            names.push(f);
+        }
+        let id_bytes = id.as_str().as_bytes().to_vec();
+        let mut result: Result<bool, VaultError> = Ok(false);
+        self.store
+            .update(&names, &mut |vals| {
+                let step = || -> Result<Vec<Write>, VaultError> {
+                    let Some(bytes) = &vals[0] else {
+                        return Ok(vec![]);
+                    };
+                    let mut rec: CardRecord = decode("card", bytes)?;
+                    let sealed = rec.sealed()?;
+                    let mut writes = vec![];
+                    if sealed.key_version != current {
+                        let moved = keys.rewrap(id.as_str(), &sealed).map_err(&crypto)?;
+                        rec.sealed = Some(records::SealedRecord {
+                            key_version: moved.key_version,
+                            wrapped_dek: moved.wrapped_dek,
+                            funding_pan: moved.funding_pan,
+                            token_pan: moved.token_pan,
+                        });
+                        writes.push(Write::Put(
+                            names[0].clone(),
+                            prost::Message::encode_to_vec(&rec),
+                        ));
+                    }
+                    let mut old_p = false;
+                    let mut old_f = false;
+                    for (i, pair) in vals[3..].chunks(2).enumerate() {
+                        if pair[0].as_deref() == Some(&id_bytes[..]) {
+                            writes.push(Write::Delete(names[3 + 2 * i].clone()));
+                            old_p = true;
+                        }
+                        if pair.get(1).is_some_and(Option::is_some) {
+                            writes.push(Write::Delete(names[4 + 2 * i].clone()));
+                            old_f = true;
+                        }
+                    }
+                    if old_p || vals[1].is_none() {
+                        writes.push(Write::Put(new_p.clone(), id_bytes.clone()));
+                    }
+                    if old_f || vals[2].is_none() {
+                        writes.push(Write::Put(new_f.clone(), vec![]));
+                    }
+                    Ok(writes)
+                };
+                match step() {
+                    Ok(w) => {
+                        result = Ok(!w.is_empty());
+                        w
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        vec![]
+                    }
+                }
+            })
+            .await?;
+        result
+    }
+
+    /// Moves every card to the current key version, while the service
+    /// serves (each card in its own short update). Cards that fail to move
+    /// are logged by id and counted as an error at the end.
+    pub async fn reencrypt_all(&self) -> Result<Reencrypted, VaultError> {
+        let keys = self.keys();
+        let mut done = Reencrypted::default();
+        let mut failed = 0u64;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.scan(CARD_PREFIX, after.as_deref(), 256).await?;
+            for (k, _) in &page {
+                let Some(id) = std::str::from_utf8(&k[CARD_PREFIX.len()..])
+                    .ok()
+                    .and_then(|s| CardId::parse("card_id", s).ok())
+                else {
+                    failed += 1;
+                    continue;
+                };
+                done.cards += 1;
+                match self.reencrypt_card(&keys, &id).await {
+                    Ok(true) => done.moved += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(card_id = %id, error = %e, "card could not be re-encrypted");
+                    }
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 256 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        tracing::info!(
+            cards = done.cards,
+            moved = done.moved,
+            failed,
+            version = keys.current_version(),
+            "re-encryption pass done"
+        );
+        let outcome = if failed > 0 { "error" } else { "ok" };
+        self.record(
+            &Actor::system("vcn"),
+            &Event::new("key_reencrypt", outcome).detail(format!(
+                "version={} cards={} moved={} failed={failed}",
+                keys.current_version(),
+                done.cards,
+                done.moved
+            )),
+        )
+        .await?;
+        if failed > 0 {
+            return Err(VaultError::Internal(format!(
+                "{failed} cards could not be re-encrypted (see the log); the old key version is still needed"
+            )));
+        }
+        Ok(done)
+    }
+
+    /// Forgets key `version` in the vault: refused while the current
+    /// version, or while any record still needs it (saying how many).
+    /// After this the vault starts without that version's key.
+    pub async fn retire_version(&self, version: u32) -> Result<(), VaultError> {
+        let keys = self.keys();
+        if version == keys.current_version() {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {version} is the current one: rotate first (`vcn keys rotate`)"
+            )));
+        }
+        let usage = self
+            .key_usage()
+            .await?
+            .into_iter()
+            .find(|u| u.version == version)
+            .ok_or_else(|| VaultError::NotFound(format!("key version {version}")))?;
+        if usage.total() > 0 {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {version} is still needed by {} records ({} cards sealed under it, {} number and {} funding index entries, {} live cards whose CVV derives from it): run `vcn keys reencrypt`, and wait for those cards to end, before retiring it",
+                usage.total(),
+                usage.sealed,
+                usage.pan_index,
+                usage.funding_index,
+                usage.live_cvv
+            )));
+        }
+        let key = kcv_key(version);
+        let audit = self.audit.write(
+            &Actor::system("vcn keys retire"),
+            &Event::new("key_retire", "ok").detail(format!("version={version}")),
+        );
+        self.store
+            .update(std::slice::from_ref(&key), &mut |_| {
+                vec![Write::Delete(key.clone()), audit.clone()]
+            })
+            .await?;
+        tracing::info!(version, "key version retired");
+        Ok(())
+    }
+}
+
+/// The audit entry of an authorisation.
+fn authorize_event(
+    req: &AuthorizeRequest,
+    outcome: Result<&AuthorizeOutcome, &VaultError>,
+) -> Event {
+    let detail = format!(
+        "transaction_id={} amount={} merchant={} mcc={}",
+        req.transaction_id,
+        req.amount,
+        req.merchant_id
+            .as_ref()
+            .map(MerchantId::as_str)
+            .unwrap_or("-"),
+        req.mcc.as_ref().map(Mcc::as_str).unwrap_or("-"),
+    );
+    let event = Event::new("authorize", "")
+        .pan(req.pan.masked())
+        .detail(detail);
+    match outcome {
+        Ok(o) => {
+            let verdict = if o.code.is_approved() {
+                "approved"
+            } else {
+                "declined"
+            };
+            let replay = if o.replayed { " (retry)" } else { "" };
+            Event {
+                outcome: format!("{verdict} {} {}{replay}", o.code.code(), o.code.reason()),
+                ..event
+            }
+            .card(o.card_id.as_ref().map(CardId::as_str).unwrap_or(""))
+        }
+        Err(e) => Event {
+            outcome: format!("error: {e}"),
+            ..event
+        },
     }
 }
 

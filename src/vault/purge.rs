@@ -185,14 +185,13 @@ impl Vault {
         };
         let rec: CardRecord = decode("card", &bytes)?;
         let card = rec.card()?;
-        let token = self
-            .keys
+        let keyring = self.keys();
+        let token = keyring
             .open_token(id.as_str(), &rec.sealed()?)
             .map_err(|e| VaultError::Internal(format!("purging card {id}: {e}")))?;
         let mut keys = vec![card_key(id)];
-        for v in self.keys.index_versions() {
-            let idx = self
-                .keys
+        for v in keyring.index_versions() {
+            let idx = keyring
                 .pan_index(v, &token)
                 .map_err(|e| VaultError::Internal(e.to_string()))?;
             keys.push(pan_key(v, &idx));

@@ -12,7 +12,7 @@
 //! | `r/` reversal id | [`ReversalRecord`] |
 //! | `o/` owner, 0, newest-first time, card id | empty: the owner's list |
 //! | `i/` owner, 0, idempotency key | [`IdempotencyRecord`] |
-//! | `m/` name | vault metadata (key check value) |
+//! | `m/` name | vault metadata (key check values per version) |
 //! | `e/` owner, 0, sequence (u64 BE) | [`EventRecord`]: the owner's events |
 //! | `n/` owner | the owner's last event sequence (u64 BE) |
 
@@ -88,7 +88,31 @@ pub fn event_seq_key(owner: &Owner) -> Vec<u8> {
     [b"n/", owner.as_str().as_bytes()].concat()
 }
 
+/// The check value of key version 1 (the name predates rotation).
 pub const KEY_CHECK_VALUE: &[u8] = b"m/key-check-value";
+/// The prefix of the check values of key versions 2 and up.
+pub const KCV_PREFIX: &[u8] = b"m/kcv/";
+
+/// Where the check value of key `version` is recorded.
+pub fn kcv_key(version: u32) -> Vec<u8> {
+    if version == 1 {
+        KEY_CHECK_VALUE.to_vec()
+    } else {
+        [KCV_PREFIX, &version.to_be_bytes()[..]].concat()
+    }
+}
+
+/// The prefix of the number index entries of one key version.
+pub fn pan_prefix(version: u32) -> Vec<u8> {
+    [&b"p/"[..], &version.to_be_bytes()].concat()
+}
+
+/// The prefix of the funding index entries of one key version.
+pub fn funding_prefix(version: u32) -> Vec<u8> {
+    [&b"f/"[..], &version.to_be_bytes()].concat()
+}
+
+pub const CARD_PREFIX: &[u8] = b"c/";
 
 #[derive(Clone, PartialEq, Message)]
 pub struct SealedRecord {
@@ -154,6 +178,10 @@ pub struct CardRecord {
     /// not yet): the retention pass purges it `retention` later.
     #[prost(int64, tag = "23")]
     pub ended_at: i64,
+    /// The key version whose CVV key derives this card's CVV (0: version
+    /// 1, records written before rotation existed).
+    #[prost(uint32, tag = "24")]
+    pub cvv_key_version: u32,
 }
 
 /// What an [`EventRecord`] reports.
@@ -329,6 +357,9 @@ pub struct TxnRecord {
     pub reversed: i64,
     #[prost(int64, tag = "9")]
     pub decided_at: i64,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "10")]
+    pub fingerprint_version: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -343,6 +374,9 @@ pub struct ReversalRecord {
     pub remaining: Option<i64>,
     #[prost(string, tag = "5")]
     pub currency: String,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "6")]
+    pub fingerprint_version: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -351,6 +385,14 @@ pub struct IdempotencyRecord {
     pub fingerprint: Vec<u8>,
     #[prost(string, tag = "2")]
     pub card_id: String,
+    /// The index key version of `fingerprint` (0: version 1).
+    #[prost(uint32, tag = "3")]
+    pub fingerprint_version: u32,
+}
+
+/// A stored key version number: 0 (absent in old records) is version 1.
+pub fn version_or_1(v: u32) -> u32 {
+    v.max(1)
 }
 
 pub fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, VaultError> {

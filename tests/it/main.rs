@@ -3,6 +3,7 @@
 //! One test binary, so the suite links once.
 
 mod access;
+mod audit;
 mod authorize;
 mod backup;
 mod bench;
@@ -13,6 +14,7 @@ mod disk;
 mod engine;
 mod events;
 mod issue;
+mod keys;
 mod limits;
 mod observe;
 mod persistence;
@@ -21,4 +23,6 @@ mod props;
 mod purge;
 mod security;
 mod support;
+mod throttle;
+mod tls;
 mod validation;

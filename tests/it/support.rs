@@ -41,7 +41,8 @@ pub type Switch = AuthorizationServiceClient<Chan>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    /// The running server's vault, for tests that drive it directly.
+    /// The running server's vault, for tests that drive it directly (and
+    /// to drive key rotation as SIGHUP does).
     pub vault: Arc<vcn::vault::Vault>,
     pub dir: Arc<TempDir>,
     pub config: Config,
