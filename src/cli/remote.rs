@@ -6,6 +6,7 @@
 //! is read from standard input.
 
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
@@ -33,6 +34,18 @@ pub struct Connection {
         global = true
     )]
     server: String,
+    /// For an https:// server: the CA certificate (PEM) to trust, when the
+    /// server's certificate is not from a public CA.
+    #[arg(long, env = "VCN_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// For mTLS: this client's certificate (PEM), registered with
+    /// `vcn client add --cert`; no API key is needed then.
+    #[arg(long, env = "VCN_CERT", global = true, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// For mTLS: the private key (PEM) of --cert. (The API key, if any,
+    /// comes from VCN_API_KEY, never from a flag.)
+    #[arg(long, env = "VCN_CERT_KEY", global = true, value_name = "FILE")]
+    cert_key: Option<PathBuf>,
     /// Print JSON instead of a listing.
     #[arg(long, global = true)]
     json: bool,
@@ -270,28 +283,33 @@ fn usage(msg: impl Into<String>) -> Failure {
 
 type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 
-/// TLS for an https:// server: VCN_CA (the CA to trust, PEM), and for
-/// mTLS VCN_CERT and VCN_KEY (the client's certificate and key, PEM).
-fn client_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, Failure> {
+/// TLS for an https:// server: --ca (VCN_CA, the CA to trust, PEM), and
+/// for mTLS --cert and --cert-key (VCN_CERT, VCN_CERT_KEY: the client's
+/// certificate and its private key, PEM).
+fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, Failure> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |var: &str| -> Result<Option<Vec<u8>>, Failure> {
-        match std::env::var(var) {
-            Ok(p) => std::fs::read(&p)
+    let read = |flag: &str, p: &Option<PathBuf>| -> Result<Option<Vec<u8>>, Failure> {
+        match p {
+            Some(p) => std::fs::read(p)
                 .map(Some)
-                .map_err(|e| usage(format!("{var}={p}: {e}"))),
-            Err(_) => Ok(None),
+                .map_err(|e| usage(format!("--{flag} {}: {e}", p.display()))),
+            None => Ok(None),
         }
     };
-    let mut tls = ClientTlsConfig::new();
-    if let Some(ca) = read("VCN_CA")? {
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(ca) = read("ca", &conn.ca)? {
         tls = tls.ca_certificate(Certificate::from_pem(ca));
     }
-    match (read("VCN_CERT")?, read("VCN_KEY")?) {
+    match (read("cert", &conn.cert)?, read("cert-key", &conn.cert_key)?) {
         (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(c, k)),
         (None, None) => {}
-        _ => return Err(usage("VCN_CERT and VCN_KEY go together")),
+        _ => {
+            return Err(usage(
+                "--cert and --cert-key (VCN_CERT, VCN_CERT_KEY) go together",
+            ))
+        }
     }
-    Ok(Some(tls))
+    Ok(tls)
 }
 
 async fn connect(conn: &Connection) -> Result<InterceptedService<Channel, Auth>, Failure> {
@@ -303,7 +321,13 @@ async fn connect_with(
     conn: &Connection,
     timeout: Option<std::time::Duration>,
 ) -> Result<InterceptedService<Channel, Auth>, Failure> {
-    let mtls = std::env::var("VCN_CERT").is_ok();
+    let mtls = conn.cert.is_some();
+    if !conn.server.starts_with("https://") && (mtls || conn.ca.is_some()) {
+        return Err(usage(format!(
+            "--ca and --cert need an https:// server, not {}",
+            conn.server
+        )));
+    }
     let header: Option<MetadataValue<_>> = match std::env::var("VCN_API_KEY") {
         Ok(key) if !key.is_empty() => Some(
             format!("Bearer {key}")
@@ -313,7 +337,7 @@ async fn connect_with(
         _ if mtls => None,
         _ => {
             return Err(usage(
-                "set VCN_API_KEY to the client's API key (vcn client add prints one), or VCN_CERT and VCN_KEY for a client registered by certificate",
+                "set VCN_API_KEY to the client's API key (vcn client add prints one), or --cert and --cert-key (VCN_CERT, VCN_CERT_KEY) for a client registered by certificate",
             ))
         }
     };
@@ -330,11 +354,9 @@ async fn connect_with(
         None => endpoint,
     };
     if conn.server.starts_with("https://") {
-        if let Some(tls) = client_tls()? {
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| usage(format!("TLS: {e}")))?;
-        }
+        endpoint = endpoint
+            .tls_config(client_tls(conn)?)
+            .map_err(|e| usage(format!("TLS: {e}")))?;
     }
     let channel = endpoint.connect().await.map_err(|e| {
         Failure(

@@ -211,3 +211,107 @@ fn certs_dev_and_client_add_cert_on_the_command_line() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no PEM certificate"));
 }
+
+/// Runs the real `vcn` client (off the runtime's thread: the server runs
+/// on it) with `env` set and VCN_API_KEY only when given.
+async fn cli(args: Vec<String>, api_key: Option<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::process::Command::new(crate::binary::VCN);
+        c.args(&args)
+            .env_remove("VCN_API_KEY")
+            .env_remove("VCN_SERVER");
+        if let Some(k) = api_key {
+            c.env("VCN_API_KEY", k);
+        }
+        c.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_speaks_tls_with_a_key_and_mtls_with_a_certificate() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let certs = vcn::certs::dev(&dir.path().join("certs"), &["switch".into()]).unwrap();
+    let config = vcn::config::Config {
+        tls_cert: Some(certs.server_cert.clone()),
+        tls_key: Some(certs.server_key.clone()),
+        tls_client_ca: Some(certs.ca.clone()),
+        ..config_in(dir.path())
+    };
+    let server = TestServer::start_with(dir, config).await;
+    let (_, switch_cert, switch_key) = &certs.clients[0];
+    let fp = vcn::certs::fingerprint_pem_file(switch_cert).unwrap();
+    vcn::clients::add_cert(&server.keys_dir(), "switch", Role::Switch, None, &fp).unwrap();
+    let web = server.add_client("web", Role::Cards, None);
+    let url = format!("https://localhost:{}", server.addr.port());
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args = |extra: &[&str]| -> Vec<String> { extra.iter().map(|a| a.to_string()).collect() };
+
+    // A cards key over TLS, the CA given as a flag.
+    let o = cli(
+        [
+            args(&[
+                "card",
+                "issue",
+                "--funding-pan",
+                FUNDING,
+                "--owner",
+                "alice",
+            ]),
+            args(&["--limit", "5.00EUR", "--json", "--server", &url]),
+            vec!["--ca".into(), s(&certs.ca)],
+        ]
+        .concat(),
+        Some(web.clone()),
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let issued: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pan = issued["pan"]
+        .as_str()
+        .expect("pan in --json output")
+        .to_string();
+
+    // The switch by its certificate alone: no API key in the environment.
+    let o = cli(
+        [
+            args(&["detokenize", "--pan", &pan, "--json", "--server", &url]),
+            vec!["--ca".into(), s(&certs.ca), "--cert".into(), s(switch_cert)],
+            vec!["--cert-key".into(), s(switch_key)],
+        ]
+        .concat(),
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["funding_pan"], FUNDING);
+
+    // Without the CA the server's certificate is not trusted: the service
+    // cannot be reached (exit 3), and the message says so.
+    let o = cli(
+        args(&["card", "list", "--owner", "alice", "--server", &url]),
+        Some(web.clone()),
+    )
+    .await;
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A certificate without its key is a usage error (exit 2).
+    let o = cli(
+        [
+            args(&["detokenize", "--pan", &pan, "--server", &url]),
+            vec!["--ca".into(), s(&certs.ca), "--cert".into(), s(switch_cert)],
+        ]
+        .concat(),
+        None,
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--cert-key"));
+    server.stop().await;
+}
