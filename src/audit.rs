@@ -425,11 +425,23 @@ impl Sealer {
         let mut state = self.head.lock().await;
         let prefix = pending_prefix(&self.instance);
         let pending = self.store.scan(&prefix, None, BATCH).await?;
+        if let Some(m) = crate::metrics::get() {
+            // Keys are in time order: the first is the oldest.
+            let oldest = pending
+                .first()
+                .and_then(|(_, v)| serde_json::from_slice::<Entry>(v).ok())
+                .and_then(|e| OffsetDateTime::parse(&e.time, &Rfc3339).ok());
+            let lag = oldest.map_or(0.0, |t| {
+                (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
+            });
+            m.audit_lag_seconds.set(lag);
+        }
         if pending.is_empty() {
             return Ok(0);
         }
         let mut lines = Vec::new();
         let mut next = state.head.clone();
+        let mut sealed = 0u64;
         for (key, value) in &pending {
             if state.undeleted.contains(key) {
                 continue;
@@ -447,9 +459,13 @@ impl Sealer {
             };
             lines.extend(serde_json::to_vec(&e).unwrap_or_default());
             lines.push(b'\n');
+            sealed += 1;
         }
         if !lines.is_empty() {
             self.append(&lines)?;
+            if let Some(m) = crate::metrics::get() {
+                m.audit_sealed.inc_by(sealed);
+            }
         }
         // The file is the chain now: whatever happens to the update below,
         // these entries are never sealed again.
@@ -486,6 +502,9 @@ impl Sealer {
         loop {
             tokio::time::sleep(every).await;
             if let Err(e) = self.seal_all().await {
+                if let Some(m) = crate::metrics::get() {
+                    m.audit_seal_failures.inc();
+                }
                 tracing::error!(error = %e, "audit entries could not be sealed into the log; retrying (they are kept in the vault)");
             }
         }

@@ -44,6 +44,15 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub update_duration: Histogram,
     pub event_watchers: IntGauge,
+    /// Age of the oldest audit entry not yet chained into the log file, at
+    /// the sealer's last pass: how far the tamper-evident log trails the
+    /// operations (they are durable in the vault meanwhile).
+    pub audit_lag_seconds: prometheus::Gauge,
+    /// Audit entries chained into the log file.
+    pub audit_sealed: IntCounter,
+    /// Sealer passes that failed (the entries stay in the vault and are
+    /// retried): a full disk or an unwritable log file.
+    pub audit_seal_failures: IntCounter,
 }
 
 impl Metrics {
@@ -95,6 +104,21 @@ impl Metrics {
         registry.register(Box::new(flush_duration.clone()))?;
         registry.register(Box::new(update_duration.clone()))?;
         registry.register(Box::new(event_watchers.clone()))?;
+        let audit_lag_seconds = prometheus::Gauge::new(
+            "vcn_audit_lag_seconds",
+            "Age of the oldest audit entry not yet sealed into the audit log file (0: none pending)",
+        )?;
+        let audit_sealed = IntCounter::new(
+            "vcn_audit_sealed_total",
+            "Audit entries chained into the audit log file",
+        )?;
+        let audit_seal_failures = IntCounter::new(
+            "vcn_audit_seal_failures_total",
+            "Audit sealer passes that failed (entries kept in the vault, retried)",
+        )?;
+        registry.register(Box::new(audit_lag_seconds.clone()))?;
+        registry.register(Box::new(audit_sealed.clone()))?;
+        registry.register(Box::new(audit_seal_failures.clone()))?;
         Ok(Metrics {
             registry,
             authorizations,
@@ -104,6 +128,9 @@ impl Metrics {
             flush_duration,
             update_duration,
             event_watchers,
+            audit_lag_seconds,
+            audit_sealed,
+            audit_seal_failures,
         })
     }
 

@@ -729,6 +729,25 @@ fn metrics_and_json_logs_show_an_operator_what_happens() {
         "{text}"
     );
     assert!(http_get(metrics_port, "/nope").0.contains("404"));
+    // The audit log keeps up: every operation's entry is sealed into the
+    // file within moments (the sealer runs every 200 ms), and the lag
+    // gauge is there for alerting.
+    let start = Instant::now();
+    loop {
+        let (_, text) = http_get(metrics_port, "/metrics");
+        let sealed = sample(&text, "vcn_audit_sealed_total").unwrap_or(0.0);
+        // Two issues, two authorisations, one pause.
+        if sealed >= 5.0 {
+            assert!(sample(&text, "vcn_audit_lag_seconds").is_some(), "{text}");
+            assert_eq!(sample(&text, "vcn_audit_seal_failures_total"), Some(0.0));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "audit entries not sealed: {sealed}\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Cards by state are counted at start (then every minute).
     let log_path = server.log.clone();
