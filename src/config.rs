@@ -110,6 +110,10 @@ pub struct Config {
     /// PostgreSQL database need distinct names (each seals its own entries
     /// into its own log).
     pub instance_name: String,
+    /// Card events POSTed to the bank's web app, signed (Standard
+    /// Webhooks): `[[webhooks]]` tables with name, url and optionally
+    /// secret_file, owners and timeout_ms. See [`crate::webhooks`].
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -156,6 +160,7 @@ impl Default for Config {
             max_failed_lookups_per_minute: 120,
             max_failed_auth_per_minute: 30,
             instance_name: "vcn".into(),
+            webhooks: Vec::new(),
         }
     }
 }

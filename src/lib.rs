@@ -26,3 +26,4 @@ pub mod metrics;
 pub mod observe;
 pub mod server;
 pub mod vault;
+pub mod webhooks;

@@ -65,6 +65,8 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Webhook(#[from] crate::webhooks::WebhookError),
 }
 
 /// The TLS settings of `config`, files read now (so a missing or bad file
@@ -335,6 +337,8 @@ pub struct Service {
     pub audit: Arc<crate::audit::Sealer>,
     /// TLS (and mTLS) on the port, when configured.
     tls: Option<ServerTlsConfig>,
+    /// Where card events are POSTed, each by its own task.
+    webhooks: Vec<crate::webhooks::Hook>,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -389,6 +393,11 @@ impl Service {
             &config.instance_name,
         )
         .await?;
+        let webhooks = config
+            .webhooks
+            .iter()
+            .map(|c| crate::webhooks::Hook::open(c, &config.keys_dir))
+            .collect::<Result<Vec<_>, _>>()?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -402,6 +411,7 @@ impl Service {
             metrics_listen: config.metrics_listen,
             audit: Arc::new(audit),
             tls,
+            webhooks,
         })
     }
 
@@ -410,7 +420,7 @@ impl Service {
     /// `drain_grace_ms`, then it stops taking calls, gives those in flight
     /// up to `drain_timeout_ms`, and makes the vault durable.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
@@ -431,6 +441,17 @@ impl Service {
         let (stop_auditor, auditor_stop) = tokio::sync::oneshot::channel();
         let auditor = tokio::spawn(audit_refusals(self.vault.clone(), refused, auditor_stop));
         let sealer = tokio::spawn(self.audit.clone().run(AUDIT_SEAL_EVERY));
+        let (stop_hooks, hooks_stop) = tokio::sync::watch::channel(false);
+        let hooks: Vec<_> = std::mem::take(&mut self.webhooks)
+            .into_iter()
+            .map(|h| {
+                tokio::spawn(crate::webhooks::run(
+                    self.vault.clone(),
+                    h,
+                    hooks_stop.clone(),
+                ))
+            })
+            .collect();
         let peers = Arc::new(FailureLimiter::new(self.limits.failed_auth));
         const ANY: &[Role] = &[Role::Cards, Role::Switch, Role::Admin];
         let reflection = InterceptedService::new(
@@ -563,6 +584,12 @@ impl Service {
             m.abort();
         }
         sealer.abort();
+        // A POST in flight is cut off; its event is sent again at the next
+        // start (same webhook-id).
+        let _ = stop_hooks.send(true);
+        for h in hooks {
+            h.abort();
+        }
         let _ = stop_auditor.send(());
         let _ = auditor.await;
         // Whatever happened, make what was written durable before exiting,

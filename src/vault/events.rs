@@ -40,9 +40,12 @@ const GAP_PATIENCE: Duration = Duration::from_secs(10);
 /// server shuts down.
 pub struct EventHub {
     notify: broadcast::Sender<Arc<str>>,
-    /// Live watchers: nothing is published while there are none, so the
-    /// authorisation path pays nothing for this when nobody watches.
+    /// Live watchers: nothing is published while there are none (and no
+    /// listener), so the authorisation path pays nothing for this when
+    /// nobody watches.
     watchers: AtomicUsize,
+    /// Listeners for the server's lifetime (webhook deliverers).
+    listeners: AtomicUsize,
     stopping: watch::Sender<bool>,
 }
 
@@ -51,6 +54,7 @@ impl Default for EventHub {
         EventHub {
             notify: broadcast::channel(1024).0,
             watchers: AtomicUsize::new(0),
+            listeners: AtomicUsize::new(0),
             stopping: watch::channel(false).0,
         }
     }
@@ -59,9 +63,16 @@ impl Default for EventHub {
 impl EventHub {
     /// Tells watchers of `owner` that new events are committed and durable.
     pub fn published(&self, owner: &Owner) {
-        if self.watchers.load(Ordering::Relaxed) > 0 {
+        if self.watchers.load(Ordering::Relaxed) > 0 || self.listeners.load(Ordering::Relaxed) > 0 {
             let _ = self.notify.send(Arc::from(owner.as_str()));
         }
+    }
+
+    /// The owners whose events are committed, as they are, for as long as
+    /// the server runs (webhook delivery).
+    pub fn listen(&self) -> broadcast::Receiver<Arc<str>> {
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        self.notify.subscribe()
     }
 
     /// Ends every watch (the server is shutting down); watchers get

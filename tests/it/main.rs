@@ -26,3 +26,4 @@ mod support;
 mod throttle;
 mod tls;
 mod validation;
+mod webhooks;
