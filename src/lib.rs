@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod observe;
 pub mod server;
 pub mod vault;
+pub mod web;

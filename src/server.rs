@@ -171,6 +171,8 @@ pub struct Service {
     limits: Limits,
     /// Where Prometheus metrics are served over HTTP, if anywhere.
     metrics_listen: Option<std::net::SocketAddr>,
+    /// gRPC-Web for browsers (a pass-through when off).
+    web: crate::web::WebLayer,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -257,6 +259,7 @@ impl Service {
             registry: Arc::new(registry),
             limits: Limits::of(config),
             metrics_listen: config.metrics_listen,
+            web: crate::web::WebLayer::new(&config.grpc_web)?,
         })
     }
 
@@ -354,6 +357,8 @@ impl Service {
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
+            .accept_http1(self.web.enabled())
+            .layer(self.web.clone())
             .layer(crate::observe::ObserveLayer)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))
             .layer(tower::load_shed::LoadShedLayer::new())

@@ -22,3 +22,4 @@ mod purge;
 mod security;
 mod support;
 mod validation;
+mod web;
