@@ -215,6 +215,7 @@ impl Service {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
         let vault_config = config.vault()?;
+        let web = crate::web::WebLayer::new(&config.grpc_web)?;
         let (keys, store, existing, describe) = match &config.store {
             None => {
                 // Check the key and the installation before sled creates
@@ -259,7 +260,7 @@ impl Service {
             registry: Arc::new(registry),
             limits: Limits::of(config),
             metrics_listen: config.metrics_listen,
-            web: crate::web::WebLayer::new(&config.grpc_web)?,
+            web,
         })
     }
 
