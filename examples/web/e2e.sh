@@ -25,8 +25,8 @@ if [ ! -x "$CHROMIUM" ]; then
     exit 2
 fi
 
-echo "== e2e: generated code is current"
-(cd "$web" && bash scripts/check-generated.sh)
+echo "== e2e: generated code is current, the page type-checks"
+(cd "$web" && bash scripts/check-generated.sh && node_modules/.bin/tsc --noEmit)
 
 if [ -z "${VCN_BIN:-}" ]; then
     echo "== e2e: cargo build --bin vcn"
