@@ -114,6 +114,59 @@ pub struct Config {
     /// Webhooks): `[[webhooks]]` tables with name, url and optionally
     /// secret_file, owners and timeout_ms. See [`crate::webhooks`].
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// gRPC-Web for browsers (`[grpc_web]`): off unless enabled.
+    pub grpc_web: GrpcWebConfig,
+}
+
+/// `[grpc_web]`: lets browsers call the services directly over gRPC-Web
+/// (HTTP/1.1 or HTTP/2), with CORS answered for the listed origins only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcWebConfig {
+    /// Serve gRPC-Web (and accept HTTP/1.1) beside native gRPC.
+    pub enabled: bool,
+    /// Origins whose pages may call (`scheme://host[:port]`, exactly as a
+    /// browser sends them, e.g. "https://bank.example"). A request from any
+    /// other origin is refused and gets no CORS headers.
+    pub allowed_origins: Vec<String>,
+}
+
+impl GrpcWebConfig {
+    /// Each allowed origin, checked and in lower case.
+    pub fn origins(&self) -> Result<Vec<String>, ConfigError> {
+        if self.enabled && self.allowed_origins.is_empty() {
+            return Err(ConfigError::Invalid(
+                "grpc_web.allowed_origins: list the origins of the web banking pages (e.g. [\"https://bank.example\"]) when grpc_web.enabled is true".into(),
+            ));
+        }
+        self.allowed_origins
+            .iter()
+            .map(|o| check_origin(o))
+            .collect()
+    }
+}
+
+/// An origin as browsers send it: http or https, a host, an optional port,
+/// nothing else (no path, no trailing slash, no wildcard).
+fn check_origin(origin: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::Invalid(format!(
+            "grpc_web.allowed_origins: {origin:?} {why}; write scheme://host[:port], e.g. \"https://bank.example\""
+        ))
+    };
+    let lower = origin.to_ascii_lowercase();
+    let uri: http::Uri = lower.parse().map_err(|_| bad("is not an origin"))?;
+    let scheme = uri.scheme_str().unwrap_or("");
+    if scheme != "http" && scheme != "https" {
+        return Err(bad("needs the scheme http:// or https://"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(bad("has no host"));
+    };
+    if authority.as_str().contains(['@', '*']) || format!("{scheme}://{authority}") != lower {
+        return Err(bad("must be only scheme, host and port"));
+    }
+    Ok(lower)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -161,6 +214,7 @@ impl Default for Config {
             max_failed_auth_per_minute: 30,
             instance_name: "vcn".into(),
             webhooks: Vec::new(),
+            grpc_web: GrpcWebConfig::default(),
         }
     }
 }
@@ -228,6 +282,7 @@ impl Config {
             message: e.to_string(),
         })?;
         config.vault()?;
+        config.grpc_web.origins()?;
         Ok(config)
     }
 
@@ -379,6 +434,46 @@ mod tests {
         std::fs::write(&path, "store = \"mysql://x@y/z\"\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("PostgreSQL URL"), "{e}");
+    }
+
+    #[test]
+    fn grpc_web_is_off_by_default_and_its_origins_are_checked() {
+        assert!(!Config::default().grpc_web.enabled);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(
+            &path,
+            "[grpc_web]\nenabled = true\nallowed_origins = [\"http://localhost:5173\", \"https://Bank.example\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert!(c.grpc_web.enabled);
+        assert_eq!(
+            c.grpc_web.origins().unwrap(),
+            ["http://localhost:5173", "https://bank.example"]
+        );
+        for (text, says) in [
+            ("enabled = true\n", "grpc_web.allowed_origins: list"),
+            ("allowed_origins = [\"*\"]\n", "\"*\""),
+            (
+                "allowed_origins = [\"https://bank.example/\"]\n",
+                "only scheme",
+            ),
+            (
+                "allowed_origins = [\"https://bank.example/app\"]\n",
+                "only scheme",
+            ),
+            ("allowed_origins = [\"bank.example\"]\n", "bank.example"),
+            (
+                "allowed_origins = [\"ftp://bank.example\"]\n",
+                "http:// or https://",
+            ),
+            ("allowd_origins = []\n", "allowd_origins"),
+        ] {
+            std::fs::write(&path, format!("[grpc_web]\n{text}")).unwrap();
+            let e = Config::load(&path).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

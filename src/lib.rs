@@ -26,4 +26,5 @@ pub mod metrics;
 pub mod observe;
 pub mod server;
 pub mod vault;
+pub mod web;
 pub mod webhooks;

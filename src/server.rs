@@ -339,6 +339,8 @@ pub struct Service {
     tls: Option<ServerTlsConfig>,
     /// Where card events are POSTed, each by its own task.
     webhooks: Vec<crate::webhooks::Hook>,
+    /// gRPC-Web for browsers (a pass-through when off).
+    web: crate::web::WebLayer,
 }
 
 /// What bounds the server's work (see the fields of [`Config`]).
@@ -385,6 +387,14 @@ impl Service {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Service, StartError> {
         let tls = tls_config(config)?;
+        let web = crate::web::WebLayer::new(&config.grpc_web)?;
+        // Settings are checked before the vault is opened, so a bad one
+        // stops the start without touching data.
+        let webhooks = config
+            .webhooks
+            .iter()
+            .map(|c| crate::webhooks::Hook::open(c, &config.keys_dir))
+            .collect::<Result<Vec<_>, _>>()?;
         let vault = open_vault(config, wrap).await?;
         let audit = crate::audit::Sealer::open(
             vault.store(),
@@ -393,11 +403,6 @@ impl Service {
             &config.instance_name,
         )
         .await?;
-        let webhooks = config
-            .webhooks
-            .iter()
-            .map(|c| crate::webhooks::Hook::open(c, &config.keys_dir))
-            .collect::<Result<Vec<_>, _>>()?;
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(
@@ -412,6 +417,7 @@ impl Service {
             audit: Arc::new(audit),
             tls,
             webhooks,
+            web,
         })
     }
 
@@ -546,6 +552,8 @@ impl Service {
         let served = builder
             .concurrency_limit_per_connection(limits.per_connection)
             .load_shed(true)
+            .accept_http1(self.web.enabled())
+            .layer(self.web.clone())
             .layer(crate::observe::ObserveLayer)
             .layer(tower::util::MapResponseLayer::new(standard_status_codes))
             .layer(tower::load_shed::LoadShedLayer::new())

@@ -26,4 +26,5 @@ mod support;
 mod throttle;
 mod tls;
 mod validation;
+mod web;
 mod webhooks;

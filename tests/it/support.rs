@@ -304,3 +304,19 @@ pub fn luhn_ok(digits: &str) -> bool {
 pub fn amount(m: &Option<pb::Money>) -> i64 {
     m.as_ref().map(|m| m.amount_minor).expect("money present")
 }
+
+/// Waits for calls made side by side, each of which must either succeed or
+/// be shed with RESOURCE_EXHAUSTED: how many were served, how many shed.
+pub async fn served_and_shed(tasks: Vec<JoinHandle<Result<(), Status>>>) -> (usize, usize) {
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                shed += 1;
+            }
+        }
+    }
+    (ok, shed)
+}
