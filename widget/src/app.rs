@@ -53,30 +53,34 @@ impl Clock for ManualClock {
 
 pub struct WidgetApp {
     pub model: Model,
-    backend: Backend,
+    settings: Settings,
+    /// Started on the first frame, when the window's context is known.
+    backend: Option<Backend>,
     clock: Arc<dyn Clock>,
-    pub server: String,
 }
 
 impl WidgetApp {
-    /// Starts the backend (which loads the cards and follows events);
-    /// replies repaint `ctx`.
-    pub fn new(settings: &Settings, ctx: &egui::Context, clock: Arc<dyn Clock>) -> WidgetApp {
-        let repaint = ctx.clone();
-        let backend = Backend::start(settings, Arc::new(move || repaint.request_repaint()));
-        backend.send(Command::Refresh);
+    pub fn new(settings: Settings, clock: Arc<dyn Clock>) -> WidgetApp {
         WidgetApp {
-            model: Model::new(settings),
-            backend,
+            model: Model::new(&settings),
+            settings,
+            backend: None,
             clock,
-            server: settings.server.clone(),
         }
     }
 
     /// One frame: take in what the backend said, hide what is due, draw.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        let backend = self.backend.get_or_insert_with(|| {
+            // The backend loads the cards and follows events; each reply
+            // repaints the window.
+            let repaint = ui.ctx().clone();
+            let b = Backend::start(&self.settings, Arc::new(move || repaint.request_repaint()));
+            b.send(Command::Refresh);
+            b
+        });
         let now = self.clock.now();
-        while let Some(reply) = self.backend.try_recv() {
+        while let Some(reply) = backend.try_recv() {
             self.model.apply(reply, now);
         }
         if let Some(left) = self.model.tick(now) {
@@ -86,9 +90,9 @@ impl WidgetApp {
                 .request_repaint_after(left.min(Duration::from_secs(1)));
         }
         let mut out = Vec::new();
-        crate::view::show(ui, &mut self.model, &self.server, now, &mut out);
+        crate::view::show(ui, &mut self.model, &self.settings.server, now, &mut out);
         for cmd in out {
-            self.backend.send(cmd);
+            backend.send(cmd);
         }
     }
 }

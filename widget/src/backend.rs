@@ -57,10 +57,10 @@ impl Backend {
             server: settings.server.clone(),
             timeout: settings.call_timeout,
         };
-        let client = connect(settings);
+        let settings = settings.clone();
         let thread = std::thread::Builder::new()
             .name("vcn-widget-net".into())
-            .spawn(move || run(conn, client, command_rx, out))
+            .spawn(move || run(conn, &settings, command_rx, out))
             .ok();
         Backend {
             commands,
@@ -133,7 +133,7 @@ fn connect(settings: &Settings) -> Result<Client, String> {
 
 fn run(
     conn: Conn,
-    client: Result<Client, String>,
+    settings: &Settings,
     mut commands: tmpsc::UnboundedReceiver<Command>,
     out: Outbox,
 ) {
@@ -148,6 +148,11 @@ fn run(
             ))));
             return;
         }
+    };
+    // The channel needs the runtime to exist (it spawns its connection task).
+    let client = {
+        let _inside = runtime.enter();
+        connect(settings)
     };
     runtime.block_on(async move {
         let client = match client {
@@ -182,7 +187,9 @@ fn failed(cmd: Command, e: String) -> Reply {
 async fn handle(conn: Conn, mut client: Client, out: Outbox, cmd: Command) {
     let reply = match cmd {
         Command::Refresh => Reply::Cards(list(&conn, &mut client).await),
-        Command::Issue(req) => Reply::Issued(conn.call(client.issue_card(req)).await.map(Box::new)),
+        Command::Issue(req) => {
+            Reply::Issued(conn.call(client.issue_card(*req)).await.map(Box::new))
+        }
         Command::Change(action, card_id) => {
             let r = pb::CardRef {
                 card_id: card_id.clone(),
@@ -192,7 +199,7 @@ async fn handle(conn: Conn, mut client: Client, out: Outbox, cmd: Command) {
                 Action::Resume => conn.call(client.resume_card(r)).await,
                 Action::Close => conn.call(client.close_card(r)).await,
             };
-            Reply::Changed(action, card_id, result)
+            Reply::Changed(action, card_id, result.map(Box::new))
         }
     };
     out.send(reply);

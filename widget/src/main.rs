@@ -53,11 +53,7 @@ fn main() -> ExitCode {
         options,
         Box::new(move |cc| {
             cc.egui_ctx.set_theme(egui::Theme::Dark);
-            Ok(Box::new(WidgetApp::new(
-                &settings,
-                &cc.egui_ctx,
-                Arc::new(SystemClock),
-            )))
+            Ok(Box::new(WidgetApp::new(settings, Arc::new(SystemClock))))
         }),
     );
     match run {

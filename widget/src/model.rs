@@ -20,7 +20,7 @@ use crate::secret::Revealed;
 pub enum Command {
     /// Load the cardholder's cards.
     Refresh,
-    Issue(pb::IssueCardRequest),
+    Issue(Box<pb::IssueCardRequest>),
     Change(Action, String),
 }
 
@@ -57,7 +57,7 @@ pub enum Reply {
     Cards(Result<Vec<pb::Card>, String>),
     /// The answer to an Issue (it carries the new number and CVV).
     Issued(Result<Box<pb::IssueCardResponse>, String>),
-    Changed(Action, String, Result<pb::Card, String>),
+    Changed(Action, String, Result<Box<pb::Card>, String>),
     /// An event that happened while the widget runs.
     Event(Box<pb::CardEvent>),
     /// A card as it is now (after an event about it).
@@ -153,7 +153,7 @@ impl Model {
                 self.hide();
                 self.last_issued = None;
                 self.issuing = true;
-                Some(Command::Issue(req))
+                Some(Command::Issue(Box::new(req)))
             }
             Err(e) => {
                 self.form_error = Some(e);
@@ -249,7 +249,7 @@ impl Model {
             Reply::Changed(action, card_id, result) => {
                 self.busy.remove(&card_id);
                 match result {
-                    Ok(card) => self.upsert(card),
+                    Ok(card) => self.upsert(*card),
                     Err(e) => {
                         self.error = Some(format!("Could not {} the card: {e}", action.verb()))
                     }
@@ -352,11 +352,14 @@ pub fn actions_for(state: i32) -> &'static [Action] {
 }
 
 /// Whether an event happened while the widget runs (those before are
-/// history the card list already shows: applied silently, not announced).
+/// history the card list already shows: skipped, not announced). The
+/// service stamps events to the second, so the second the widget started
+/// in counts as live: an event in it may be announced although the list
+/// already had it, never the other way round.
 pub fn is_live(ev: &pb::CardEvent, since: OffsetDateTime) -> bool {
-    ev.occurred_at.as_ref().is_some_and(|t| {
-        (t.seconds, t.nanos) >= (since.unix_timestamp(), since.nanosecond() as i32)
-    })
+    ev.occurred_at
+        .as_ref()
+        .is_some_and(|t| t.seconds >= since.unix_timestamp())
 }
 
 #[cfg(test)]
@@ -473,7 +476,7 @@ mod tests {
             Reply::Changed(
                 Action::Close,
                 "c1".into(),
-                Ok(card("c1", pb::CardState::Closed)),
+                Ok(Box::new(card("c1", pb::CardState::Closed))),
             ),
             Instant::now(),
         );
@@ -552,6 +555,8 @@ mod tests {
         };
         assert!(!is_live(&at(-1), NOW));
         assert!(is_live(&at(0), NOW));
+        let mid_second = NOW + time::Duration::milliseconds(700);
+        assert!(is_live(&at(0), mid_second), "stamped to the second");
         assert!(is_live(&at(5), NOW));
         assert!(!is_live(&pb::CardEvent::default(), NOW));
     }

@@ -53,7 +53,8 @@ fn header(ui: &mut Ui, m: &Model, server: &str, out: &mut Vec<Command>) {
             };
             ui.label(RichText::new(text).small())
                 .on_hover_text(server.to_string());
-            ui.label(RichText::new("●").color(dot));
+            let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+            ui.painter().circle_filled(rect.center(), 4.5, dot);
         });
     });
     match &m.live {
