@@ -126,16 +126,17 @@ fn funding_chooser(ui: &mut Ui, m: &mut Model) {
         .get(m.form.funding)
         .cloned()
         .unwrap_or_else(|| "no card configured".into());
-    let label = ui.label(RichText::new("from").small());
-    egui::ComboBox::from_id_salt("funding")
+    // Right to left: the chooser, then its label on its left.
+    let chooser = egui::ComboBox::from_id_salt("funding")
         .selected_text(selected)
         .show_ui(ui, |ui| {
             for (i, f) in m.funding.iter().enumerate() {
                 ui.selectable_value(&mut m.form.funding, i, f);
             }
         })
-        .response
-        .labelled_by(label.id);
+        .response;
+    let label = ui.label(RichText::new("from").small());
+    chooser.labelled_by(label.id);
 }
 
 fn number_area(ui: &mut Ui, m: &mut Model, now: Instant) {
@@ -285,7 +286,8 @@ fn card_list(ui: &mut Ui, m: &mut Model, out: &mut Vec<Command>) {
                 ui.label("");
                 ui.end_row();
                 for c in &m.cards {
-                    ui.label(RichText::new(&c.masked_pan).monospace());
+                    ui.label(RichText::new(crate::model::last4_of(&c.masked_pan)).monospace())
+                        .on_hover_text(&c.masked_pan);
                     ui.label(state_word(c.state));
                     ui.label(money(&c.spent));
                     ui.label(money(&c.remaining));
