@@ -18,6 +18,11 @@ pub fn plain(status: &Status, server: &str) -> String {
                 .to_string()
         }
         Code::PermissionDenied => format!("this widget's key is not allowed to do that: {msg}"),
+        // The widget never names an owner: its key must be pinned to one.
+        Code::InvalidArgument if msg.starts_with("owner") => {
+            "this widget's key is not tied to a cardholder; ask the bank for a key made with `vcn client add NAME --role cards --owner CUSTOMER`"
+                .to_string()
+        }
         Code::InvalidArgument | Code::OutOfRange => format!("the card service refused it: {msg}"),
         Code::NotFound => "that card no longer exists".to_string(),
         Code::FailedPrecondition => format!("not possible now: {msg}"),
@@ -48,6 +53,7 @@ mod tests {
             plain(&Status::invalid_argument("spend_limit: too high"), s),
             "the card service refused it: spend_limit: too high"
         );
+        assert!(plain(&Status::invalid_argument("owner: is required"), s).contains("--owner"));
         assert!(timed_out(s, Duration::from_secs(10)).contains("within 10 seconds"));
     }
 }

@@ -182,6 +182,22 @@ fn a_wrong_key_is_said_in_plain_words() {
 }
 
 #[test]
+fn a_key_not_pinned_to_a_cardholder_is_said_in_plain_words() {
+    let server = Server::start();
+    let key = vcn::clients::add(
+        &server.config.keys_dir,
+        "web",
+        vcn::clients::Role::Cards,
+        None,
+    )
+    .expect("add client");
+    let (mut h, _clock) = harness(settings(&server.url(), &key));
+    wait_for(&mut h, "the explanation", |h| {
+        shows(h, "this widget's key is not tied to a cardholder")
+    });
+}
+
+#[test]
 fn a_stopped_service_is_said_in_plain_words() {
     // A port nobody listens on.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
