@@ -224,7 +224,7 @@ fn the_window_stays_responsive_while_the_service_does_not_answer() {
     });
     let url = format!("http://{addr}");
     let mut s = settings(&url, "vcn_any");
-    s.call_timeout = Duration::from_secs(3);
+    s.call_timeout = Duration::from_secs(5);
     let (mut h, _clock) = harness(s);
     type_into(&mut h, "Amount", "10");
     click(&mut h, "Generate");
@@ -246,7 +246,7 @@ fn the_window_stays_responsive_while_the_service_does_not_answer() {
         shows(
             h,
             &format!(
-                "Could not make a card: the card service at {url} did not answer within 3 seconds"
+                "Could not make a card: the card service at {url} did not answer within 5 seconds"
             ),
         )
     });
