@@ -94,6 +94,9 @@ impl WidgetApp {
         for cmd in out {
             backend.send(cmd);
         }
+        if self.model.take_clear_clipboard() {
+            ui.ctx().copy_text(String::new());
+        }
     }
 }
 

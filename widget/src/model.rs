@@ -99,6 +99,10 @@ pub struct Model {
     /// The card issued last (masked), once its number is hidden again.
     pub last_issued: Option<pb::Card>,
     pub reveal_for: Duration,
+    /// A detail of the shown card was copied to the clipboard.
+    copied: bool,
+    /// The clipboard is to be emptied (the copied detail was hidden).
+    clear_clipboard: bool,
     pub cards: Vec<pb::Card>,
     /// Cards whose change is in flight.
     pub busy: HashSet<String>,
@@ -128,6 +132,8 @@ impl Model {
             revealed: None,
             last_issued: None,
             reveal_for: settings.reveal_for,
+            copied: false,
+            clear_clipboard: false,
             cards: Vec::new(),
             busy: HashSet::new(),
             confirm_close: None,
@@ -183,6 +189,19 @@ impl Model {
                 self.last_issued = Some(card.clone());
             }
         }
+        // What was copied goes with it: the number does not outlive its
+        // reveal time on the clipboard either.
+        self.clear_clipboard |= std::mem::take(&mut self.copied);
+    }
+
+    /// A detail of the shown card was put on the clipboard.
+    pub fn copied(&mut self) {
+        self.copied = self.revealed.is_some();
+    }
+
+    /// Whether the clipboard is to be emptied now (once).
+    pub fn take_clear_clipboard(&mut self) -> bool {
+        std::mem::take(&mut self.clear_clipboard)
     }
 
     /// Hides the details once their time is up; returns how long until
@@ -433,8 +452,15 @@ mod tests {
             Some(Duration::from_secs(50))
         );
         assert!(m.revealed.is_some());
+        m.copied();
+        assert!(!m.take_clear_clipboard(), "not while shown");
         assert_eq!(m.tick(t0 + Duration::from_secs(60)), None);
         assert!(m.revealed.is_none(), "hidden after the timeout");
+        assert!(
+            m.take_clear_clipboard(),
+            "the copied number leaves the clipboard"
+        );
+        assert!(!m.take_clear_clipboard(), "once");
         assert_eq!(
             m.last_issued.as_ref().unwrap().masked_pan,
             "411111******8909"

@@ -183,6 +183,7 @@ fn number_area(ui: &mut Ui, m: &mut Model, now: Instant) {
     });
     if let Some(text) = copy {
         ui.ctx().copy_text(text.to_string());
+        m.copied();
     }
     if hide {
         m.hide();

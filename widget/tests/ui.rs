@@ -28,16 +28,7 @@ fn generate_shows_the_number_the_service_issued() {
     let mut copied = Vec::new();
     for _ in 0..3 {
         h.step();
-        copied.extend(
-            h.output()
-                .platform_output
-                .commands
-                .iter()
-                .filter_map(|c| match c {
-                    egui::OutputCommand::CopyText(t) => Some(t.clone()),
-                    _ => None,
-                }),
-        );
+        copied.extend(copied_texts(&h));
     }
     assert_eq!(copied, vec![pan.clone()]);
 
@@ -100,6 +91,9 @@ fn the_number_is_hidden_after_the_reveal_time() {
     let pan = generate(&mut h, "10");
     let grouped = number_on_screen(&h).expect("number");
 
+    h.get_by_label("Copy CVV").click();
+    settle(&mut h);
+
     clock.advance(Duration::from_secs(59));
     h.step();
     assert_eq!(
@@ -111,8 +105,14 @@ fn the_number_is_hidden_after_the_reveal_time() {
 
     clock.advance(Duration::from_secs(1));
     h.step();
+    let cleared = copied_texts(&h);
     h.step();
     assert_eq!(number_on_screen(&h), None, "hidden at 60 s");
+    assert_eq!(
+        cleared,
+        vec![String::new()],
+        "the copied CVV leaves the clipboard"
+    );
     assert!(!shows(&h, &pan) && !shows(&h, "CVV 1") && after(&h, "CVV ").is_none());
     let masked = format!("{}******{}", &pan[..6], &pan[pan.len() - 4..]);
     assert!(

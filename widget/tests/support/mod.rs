@@ -247,3 +247,16 @@ pub fn generate(h: &mut Ui, amount: &str) -> String {
     wait_for(h, "the new card number", |h| number_on_screen(h).is_some());
     number_on_screen(h).expect("number").replace(' ', "")
 }
+
+/// What the last frame put on the clipboard.
+pub fn copied_texts(h: &Ui) -> Vec<String> {
+    h.output()
+        .platform_output
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            egui::OutputCommand::CopyText(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
+}
