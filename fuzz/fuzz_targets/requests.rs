@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             if let Ok(r) = pb::IssueCardRequest::decode(rest) {
                 if let Ok(owner) = Owner::parse("owner", &r.owner) {
-                    let _ = convert::issue_request(&r, owner);
+                    let _ = convert::issue_request(&r, owner, None);
                 }
             }
         }

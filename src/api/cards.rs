@@ -64,9 +64,23 @@ impl CardService for CardApi {
         let r = req.get_ref();
         let owner = resolve_owner(&client, &r.owner)?;
         let who = actor(&req)?;
+        let funding = match (r.funding_pan.is_empty(), r.funding_card_id.is_empty()) {
+            (_, true) => None,
+            (true, false) => {
+                let id = CardId::parse("funding_card_id", &r.funding_card_id)?;
+                Some(self.vault.funding_of(&id, &owner).await?)
+            }
+            (false, false) => {
+                return Err(FieldError::new(
+                    "funding_card_id",
+                    "give funding_pan or funding_card_id, not both",
+                )
+                .into())
+            }
+        };
         let issued = self
             .vault
-            .issue(convert::issue_request(r, owner)?, &who)
+            .issue(convert::issue_request(r, owner, funding)?, &who)
             .await?;
         Ok(Response::new(pb::IssueCardResponse {
             card: Some(convert::card(&issued.card)),

@@ -56,9 +56,17 @@ fn optional_id(field: &str, s: &str) -> Result<Option<String>, FieldError> {
 }
 
 /// Parses IssueCardRequest; `owner` is the owner already resolved from the
-/// request and the caller.
-pub fn issue_request(r: &pb::IssueCardRequest, owner: Owner) -> Result<IssueRequest, FieldError> {
-    let funding_pan = parse_pan("funding_pan", &r.funding_pan)?;
+/// request and the caller, and `funding` the funding number of
+/// `funding_card_id` when the request gives one instead of `funding_pan`.
+pub fn issue_request(
+    r: &pb::IssueCardRequest,
+    owner: Owner,
+    funding: Option<Pan>,
+) -> Result<IssueRequest, FieldError> {
+    let funding_pan = match funding {
+        Some(p) => p,
+        None => parse_pan("funding_pan", &r.funding_pan)?,
+    };
     let spend_limit = parse_money("spend_limit", r.spend_limit.as_ref(), true)?
         .ok_or_else(|| FieldError::new("spend_limit", "is required"))?;
     if !spend_limit.is_positive() {
@@ -257,14 +265,14 @@ mod tests {
     }
 
     fn field(r: pb::IssueCardRequest) -> String {
-        issue_request(&r, Owner::parse("owner", "cust-1").unwrap())
+        issue_request(&r, Owner::parse("owner", "cust-1").unwrap(), None)
             .unwrap_err()
             .field
     }
 
     #[test]
     fn issue_errors_name_the_field() {
-        assert!(issue_request(&issue(), Owner::parse("owner", "c").unwrap()).is_ok());
+        assert!(issue_request(&issue(), Owner::parse("owner", "c").unwrap(), None).is_ok());
         assert_eq!(
             field(pb::IssueCardRequest {
                 funding_pan: "4111x".into(),

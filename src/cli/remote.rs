@@ -137,8 +137,16 @@ pub enum CardCommand {
     /// Issue a virtual card for a funding card.
     Issue {
         /// The real card's number, or - to read it from standard input.
-        #[arg(long)]
-        funding_pan: String,
+        #[arg(
+            long,
+            required_unless_present = "funding_card",
+            conflicts_with = "funding_card"
+        )]
+        funding_pan: Option<String>,
+        /// Instead of --funding-pan: the same funding card as this earlier
+        /// card of the owner (no real number needed).
+        #[arg(long, value_name = "CARD_ID")]
+        funding_card: Option<String>,
         #[arg(long, default_value = "")]
         owner: String,
         /// Total spend limit, e.g. 50.00EUR.
@@ -716,6 +724,7 @@ async fn card(conn: &Connection, command: CardCommand) -> Result<ExitCode, Failu
     let card = match command {
         CardCommand::Issue {
             funding_pan,
+            funding_card,
             owner,
             limit,
             per_txn,
@@ -729,7 +738,11 @@ async fn card(conn: &Connection, command: CardCommand) -> Result<ExitCode, Failu
             idempotency_key,
         } => {
             let req = pb::IssueCardRequest {
-                funding_pan: read_secret(&funding_pan, "funding card number")?,
+                funding_pan: match &funding_pan {
+                    Some(p) => read_secret(p, "funding card number")?,
+                    None => String::new(),
+                },
+                funding_card_id: funding_card.unwrap_or_default(),
                 owner,
                 spend_limit: Some(money("limit", &limit)?),
                 per_transaction_limit: per_txn.map(|p| money("per-txn", &p)).transpose()?,

@@ -702,6 +702,29 @@ impl Vault {
         )))
     }
 
+    /// The funding number of `owner`'s card `id`, to issue another card on
+    /// the same funding card without the caller holding its number. Another
+    /// owner's card and a missing one get the same answer.
+    pub async fn funding_of(&self, id: &CardId, owner: &Owner) -> Result<Pan, VaultError> {
+        let not_theirs = || {
+            VaultError::InvalidArgument(FieldError::new(
+                "funding_card_id",
+                format!("names no card of owner {owner}"),
+            ))
+        };
+        let rec = match self.load(id).await {
+            Ok(r) => r,
+            Err(VaultError::NotFound(_)) => return Err(not_theirs()),
+            Err(e) => return Err(e),
+        };
+        if rec.card()?.owner != *owner {
+            return Err(not_theirs());
+        }
+        self.keys()
+            .open_funding(id.as_str(), &rec.sealed()?)
+            .map_err(crypto_error(id.as_str()))
+    }
+
     pub async fn get(&self, id: &CardId, scope: Scope<'_>) -> Result<Card, VaultError> {
         let card = self.load(id).await?.card()?;
         if !scope.allows(&card.owner) {

@@ -394,3 +394,84 @@ async fn list_pages_through_an_owners_cards_newest_first() {
         "page_token",
     );
 }
+
+/// A widget holds no real card number: it names an earlier card of its
+/// owner, and the new card gets that card's funding card.
+#[tokio::test]
+async fn a_card_issued_on_an_earlier_cards_funding_card_needs_no_real_number() {
+    let server = TestServer::start().await;
+    let (mut cards, mut switch) = server.clients().await;
+    let first = issue(&mut cards, issue_req("alice", 500)).await;
+    let first_id = first.card.as_ref().unwrap().card_id.clone();
+    let bob_card = issue(&mut cards, issue_req("bob", 500)).await;
+    let bob_id = bob_card.card.as_ref().unwrap().card_id.clone();
+
+    // Alice's widget: pinned to alice, given only the card id.
+    let widget_key = server.add_client("alice-widget", vcn::clients::Role::Cards, Some("alice"));
+    let mut widget = server.cards_as(&widget_key).await;
+    let by_ref = |id: &str| pb::IssueCardRequest {
+        funding_pan: String::new(),
+        funding_card_id: id.into(),
+        ..issue_req("alice", 300)
+    };
+    let second = issue(&mut widget, by_ref(&first_id)).await;
+    assert_ne!(second.pan, first.pan);
+    assert_eq!(&second.pan[..6], &FUNDING[..6]);
+    assert!(luhn_ok(&second.pan));
+    // The switch gets the real funding card for it.
+    let d = switch
+        .detokenize(pb::DetokenizeRequest {
+            pan: second.pan.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.funding_pan, FUNDING);
+    assert!(
+        authorize(&mut switch, auth_req(&second, "ref-1", 100))
+            .await
+            .approved
+    );
+
+    // Another owner's card, a card that does not exist, and both fields at
+    // once: refused, naming the field, the same way for the first two.
+    let before = list_count(&mut cards, "alice").await;
+    for id in [bob_id.as_str(), "vc_000000000000000000000000"] {
+        assert_status(
+            widget.issue_card(by_ref(id)).await,
+            Code::InvalidArgument,
+            "funding_card_id",
+        );
+    }
+    assert_status(
+        cards
+            .issue_card(pb::IssueCardRequest {
+                funding_card_id: first_id.clone(),
+                ..issue_req("alice", 300)
+            })
+            .await,
+        Code::InvalidArgument,
+        "not both",
+    );
+    assert_status(
+        widget.issue_card(by_ref("not an id")).await,
+        Code::InvalidArgument,
+        "funding_card_id",
+    );
+    assert_eq!(list_count(&mut cards, "alice").await, before);
+    server.stop().await;
+}
+
+async fn list_count(cards: &mut Cards, owner: &str) -> usize {
+    cards
+        .list_cards(pb::ListCardsRequest {
+            owner: owner.into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cards
+        .len()
+}

@@ -107,7 +107,7 @@ proptest! {
             ..Default::default()
         };
         if let Ok(o) = Owner::parse("owner", &owner) {
-            if let Err(e) = convert::issue_request(&issue, o) {
+            if let Err(e) = convert::issue_request(&issue, o, None) {
                 prop_assert!(!e.field.is_empty());
                 prop_assert!(pan.len() < 13 || !e.to_string().contains(&pan));
             }
@@ -129,7 +129,7 @@ proptest! {
             spend_limit: Some(pb::Money { amount_minor: limit, currency: c.to_string() }),
             ..Default::default()
         };
-        let parsed = convert::issue_request(&req, Owner::parse("owner", &owner).unwrap()).unwrap();
+        let parsed = convert::issue_request(&req, Owner::parse("owner", &owner).unwrap(), None).unwrap();
         prop_assert_eq!(parsed.funding_pan.expose(), p.as_str());
         prop_assert_eq!(parsed.policy.spend_limit.amount_minor(), limit);
     }

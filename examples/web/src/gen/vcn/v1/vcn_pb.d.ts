@@ -317,7 +317,8 @@ export declare const CardEventSchema: GenMessage<CardEvent>;
  */
 export declare type IssueCardRequest = Message<"vcn.v1.IssueCardRequest"> & {
   /**
-   * The cardholder's real card number (13-19 digits, valid Luhn).
+   * The cardholder's real card number (13-19 digits, valid Luhn), or
+   * empty with funding_card_id.
    *
    * @generated from field: string funding_pan = 1;
    */
@@ -390,6 +391,15 @@ export declare type IssueCardRequest = Message<"vcn.v1.IssueCardRequest"> & {
    * @generated from field: string idempotency_key = 11;
    */
   idempotencyKey: string;
+
+  /**
+   * Instead of funding_pan: the funding card of this earlier card of the
+   * same owner (any state, until it is purged). Lets a cardholder's widget
+   * make cards without ever holding the real card number.
+   *
+   * @generated from field: string funding_card_id = 12;
+   */
+  fundingCardId: string;
 };
 
 /**
