@@ -49,7 +49,12 @@ issue() {
 }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 issue 80.00EUR >"$TMP/shop.json"
+VISA=$(field card_id <"$TMP/shop.json")
 PAUSED=$(issue 15.00EUR | field card_id)
+# The widget names its funding cards by a card issued on each.
+MASTERCARD=$(VCN_API_KEY=$WIDGET_KEY "$BIN/vcn" card issue --funding-pan 5555555555554444 \
+    --limit 1.00EUR --json | field card_id)
+VCN_API_KEY=$WIDGET_KEY "$BIN/vcn" card close "$MASTERCARD" >/dev/null
 VCN_API_KEY=$WIDGET_KEY "$BIN/vcn" card pause "$PAUSED" >/dev/null
 
 # The widget refuses a config file others can read: create it 0600.
@@ -60,12 +65,12 @@ api_key = "$WIDGET_KEY"
 reveal_seconds = 120
 
 [[funding_cards]]
-label = "Visa debit"
-pan = "4111 1111 1111 1111"
+label = "Visa debit ••1111"
+card_id = "$VISA"
 
 [[funding_cards]]
-label = "Mastercard"
-pan = "5555 5555 5555 4444"
+label = "Mastercard ••4444"
+card_id = "$MASTERCARD"
 EOF
 
 # The window, on a virtual display with software OpenGL.

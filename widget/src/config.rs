@@ -1,8 +1,10 @@
 //! The widget's configuration: where the service is, the owner-pinned API
 //! key, and the cardholder's funding cards.
 //!
-//! The file holds secrets (the key and full funding card numbers), so it
-//! must be readable by its owner only (mode 0600): a file others can read is
+//! A funding card is named by the id of a card the bank already issued on
+//! it (IssueCard's `funding_card_id`): the widget never holds a real card
+//! number, in the file or in memory. The file holds the API key, so it must
+//! be readable by its owner only (mode 0600): a file others can read is
 //! refused, with the command that fixes it. The key may come from the
 //! environment instead (`VCN_WIDGET_KEY`), and then the file holds none.
 
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vcn::domain::{Currency, Pan};
+use vcn::domain::{CardId, Currency};
 use zeroize::Zeroizing;
 
 /// The environment variable that gives the API key (it wins over the file).
@@ -20,15 +22,17 @@ pub const KEY_ENV: &str = "VCN_WIDGET_KEY";
 /// One of the cardholder's real cards, that virtual numbers are made for.
 #[derive(Clone)]
 pub struct FundingCard {
-    /// What the cardholder calls it ("Visa debit").
+    /// What the cardholder calls it ("Visa debit ending 1111").
     pub label: String,
-    pub pan: Pan,
+    /// A card the bank issued on this funding card: new cards get the
+    /// same funding card.
+    pub card_id: CardId,
 }
 
 impl FundingCard {
-    /// The label and the masked number, as shown in the chooser.
+    /// As shown in the chooser.
     pub fn display(&self) -> String {
-        format!("{} {}", self.label, self.pan.masked())
+        self.label.clone()
     }
 }
 
@@ -118,7 +122,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct FileCard {
     label: String,
-    pan: String,
+    card_id: String,
 }
 
 fn default_server() -> String {
@@ -139,7 +143,7 @@ fn default_timeout() -> u64 {
 pub enum ConfigError {
     #[error("cannot read {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    #[error("{path} can be read by other users (mode {mode:o}); it holds your API key and card numbers: run `chmod 600 {path}`")]
+    #[error("{path} can be read by other users (mode {mode:o}); it holds your API key: run `chmod 600 {path}`")]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -203,21 +207,18 @@ pub fn parse(text: &str, env_key: Option<String>) -> Result<Settings, String> {
     }
     let currency = Currency::parse(&file.currency).map_err(|e| e.to_string())?;
     if file.funding_cards.is_empty() {
-        return Err("add at least one [[funding_cards]] with a label and a pan".into());
+        return Err("add at least one [[funding_cards]] with a label and a card_id".into());
     }
     let mut cards = Vec::new();
     for (i, c) in file.funding_cards.into_iter().enumerate() {
-        let pan = Zeroizing::new(c.pan);
-        let pan: String = pan.chars().filter(|c| !c.is_whitespace()).collect();
-        let pan = Zeroizing::new(pan);
-        let pan =
-            Pan::parse(&pan).map_err(|e| format!("funding_cards[{i}].pan: {}", e.reason()))?;
+        let card_id = CardId::parse("card_id", c.card_id.trim())
+            .map_err(|e| format!("funding_cards[{i}].card_id: {}", e.reason))?;
         if c.label.trim().is_empty() {
             return Err(format!("funding_cards[{i}].label is empty"));
         }
         cards.push(FundingCard {
             label: c.label.trim().to_string(),
-            pan,
+            card_id,
         });
     }
     if file.reveal_seconds == 0 || file.call_timeout_seconds == 0 {
@@ -282,8 +283,8 @@ server = "http://127.0.0.1:50051"
 api_key = "vcn_secretkey"
 reveal_seconds = 30
 [[funding_cards]]
-label = "Visa debit"
-pan = "4111 1111 1111 1111"
+label = "Visa debit ending 1111"
+card_id = "vc_0123456789abcdef01234567"
 "#;
 
     #[test]
@@ -291,10 +292,13 @@ pan = "4111 1111 1111 1111"
         let s = parse(GOOD, None).unwrap();
         assert_eq!(s.api_key.expose(), "vcn_secretkey");
         assert_eq!(s.reveal_for, Duration::from_secs(30));
-        assert_eq!(s.funding_cards[0].display(), "Visa debit 411111******1111");
+        assert_eq!(s.funding_cards[0].display(), "Visa debit ending 1111");
+        assert_eq!(
+            s.funding_cards[0].card_id.as_str(),
+            "vc_0123456789abcdef01234567"
+        );
         let debug = format!("{s:?}");
         assert!(!debug.contains("secretkey"), "{debug}");
-        assert!(!debug.contains("4111111111111111"), "{debug}");
     }
 
     #[test]
@@ -311,14 +315,19 @@ pan = "4111 1111 1111 1111"
 
     #[test]
     fn bad_settings_are_named_without_their_value() {
-        let as_integer = GOOD.replace("\"4111 1111 1111 1111\"", "4111111111111111");
+        let as_integer = GOOD.replace("\"vcn_secretkey\"", "4111111111111111");
         let e = parse(&as_integer, None).unwrap_err();
         assert!(e.contains("not a valid widget configuration"), "{e}");
         assert!(!e.contains("4111111111"), "{e}");
-        let bad_pan = GOOD.replace("4111 1111 1111 1111", "4111111111111112");
-        let e = parse(&bad_pan, None).unwrap_err();
-        assert!(e.contains("funding_cards[0].pan"), "{e}");
-        assert!(!e.contains("4111111111111112"), "{e}");
+        let bad_id = GOOD.replace("vc_0123456789abcdef01234567", "4111111111111111");
+        let e = parse(&bad_id, None).unwrap_err();
+        assert!(e.contains("funding_cards[0].card_id"), "{e}");
+        assert!(!e.contains("4111111111111111"), "{e}");
+        // The old form, a real card number in the file, is refused.
+        let with_pan = GOOD.replace("card_id =", "pan = \"4111111111111111\"\ncard_id =");
+        let e = parse(&with_pan, None).unwrap_err();
+        assert!(e.contains("pan"), "{e}");
+        assert!(!e.contains("4111111111111111"), "{e}");
         let typo = GOOD.replace("reveal_seconds", "reveal_secs");
         let e = parse(&typo, None).unwrap_err();
         assert!(e.contains("reveal_secs"), "{e}");

@@ -110,7 +110,7 @@ impl Form {
             ));
         }
         Ok(pb::IssueCardRequest {
-            funding_pan: funding.pan.expose().to_string(),
+            funding_card_id: funding.card_id.as_str().to_string(),
             owner: String::new(), // the widget's key is pinned to its owner
             spend_limit: Some(pb::Money {
                 amount_minor: limit.amount_minor(),
@@ -185,12 +185,12 @@ impl fmt::Display for FormError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vcn::domain::Pan;
+    use vcn::domain::CardId;
 
     fn cards() -> Vec<FundingCard> {
         vec![FundingCard {
             label: "Visa".into(),
-            pan: Pan::parse("4111111111111111").unwrap(),
+            card_id: CardId::parse("card_id", "vc_0123456789abcdef01234567").unwrap(),
         }]
     }
 
@@ -206,7 +206,8 @@ mod tests {
     #[test]
     fn a_filled_form_becomes_a_single_use_request() {
         let r = form("12,50").request(&cards(), NOW).unwrap();
-        assert_eq!(r.funding_pan, "4111111111111111");
+        assert_eq!(r.funding_card_id, "vc_0123456789abcdef01234567");
+        assert!(r.funding_pan.is_empty());
         let limit = r.spend_limit.unwrap();
         assert_eq!((limit.amount_minor, limit.currency.as_str()), (1250, "EUR"));
         assert_eq!(r.max_uses, 1);

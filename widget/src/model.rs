@@ -385,7 +385,6 @@ pub fn is_live(ev: &pb::CardEvent, since: OffsetDateTime) -> bool {
 mod tests {
     use super::*;
     use crate::config::ApiKey;
-    use vcn::domain::Pan;
 
     fn settings() -> Settings {
         Settings::new(
@@ -393,7 +392,8 @@ mod tests {
             ApiKey::new("k"),
             vec![FundingCard {
                 label: "Visa".into(),
-                pan: Pan::parse("4111111111111111").unwrap(),
+                card_id: vcn::domain::CardId::parse("card_id", "vc_0123456789abcdef01234567")
+                    .unwrap(),
             }],
         )
     }

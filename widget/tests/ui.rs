@@ -13,9 +13,9 @@ use vcn::api::pb;
 fn generate_shows_the_number_the_service_issued() {
     let server = Server::start();
     let key = server.widget_key(OWNER);
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
-    wait_for(&mut h, "the (empty) card list", |h| {
-        shows(h, "No cards yet.")
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
+    wait_for(&mut h, "the card list (the enrolment card only)", |h| {
+        shows(h, "closed")
     });
 
     click(&mut h, "7 days");
@@ -84,10 +84,10 @@ fn generate_shows_the_number_the_service_issued() {
 fn the_number_is_hidden_after_the_reveal_time() {
     let server = Server::start();
     let key = server.widget_key(OWNER);
-    let mut s = settings(&server.url(), &key);
+    let mut s = settings(&server.url(), &key, &server.funding_card);
     s.reveal_for = Duration::from_secs(60);
     let (mut h, clock) = harness(s);
-    wait_for(&mut h, "the card list", |h| shows(h, "No cards yet."));
+    wait_for(&mut h, "the card list", |h| shows(h, "closed"));
     let pan = generate(&mut h, "10");
     let grouped = number_on_screen(&h).expect("number");
 
@@ -126,8 +126,8 @@ fn the_number_is_hidden_after_the_reveal_time() {
 fn hide_now_hides_at_once() {
     let server = Server::start();
     let key = server.widget_key(OWNER);
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
-    wait_for(&mut h, "the card list", |h| shows(h, "No cards yet."));
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
+    wait_for(&mut h, "the card list", |h| shows(h, "closed"));
     generate(&mut h, "10");
     click(&mut h, "Hide now");
     h.step();
@@ -138,8 +138,8 @@ fn hide_now_hides_at_once() {
 fn a_bad_amount_is_named_and_nothing_is_issued() {
     let server = Server::start();
     let key = server.widget_key(OWNER);
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
-    wait_for(&mut h, "the card list", |h| shows(h, "No cards yet."));
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
+    wait_for(&mut h, "the card list", |h| shows(h, "closed"));
     type_into(&mut h, "Amount", "12.345");
     click(&mut h, "Generate");
     h.step();
@@ -154,14 +154,19 @@ fn a_bad_amount_is_named_and_nothing_is_issued() {
         .block_on(cards.list_cards(pb::ListCardsRequest::default()))
         .expect("list")
         .into_inner();
-    assert!(listed.cards.is_empty(), "no card was issued");
+    let ids: Vec<&str> = listed.cards.iter().map(|c| c.card_id.as_str()).collect();
+    assert_eq!(ids, [server.funding_card.as_str()], "no card was issued");
 }
 
 #[test]
 fn a_wrong_key_is_said_in_plain_words() {
     let server = Server::start();
     server.widget_key(OWNER);
-    let (mut h, _clock) = harness(settings(&server.url(), "vcn_not_a_key"));
+    let (mut h, _clock) = harness(settings(
+        &server.url(),
+        "vcn_not_a_key",
+        &server.funding_card,
+    ));
     wait_for(&mut h, "the refused key", |h| {
         shows(
             h,
@@ -191,7 +196,7 @@ fn a_key_not_pinned_to_a_cardholder_is_said_in_plain_words() {
         None,
     )
     .expect("add client");
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
     wait_for(&mut h, "the explanation", |h| {
         shows(h, "this widget's key is not tied to a cardholder")
     });
@@ -204,7 +209,7 @@ fn a_stopped_service_is_said_in_plain_words() {
         .and_then(|l| l.local_addr())
         .expect("free port");
     let url = format!("http://{addr}");
-    let (mut h, _clock) = harness(settings(&url, "vcn_any"));
+    let (mut h, _clock) = harness(settings(&url, "vcn_any", NO_CARD));
     wait_for(&mut h, "the connection error", |h| {
         shows(h, &format!("the card service at {url} cannot be reached"))
     });
@@ -223,7 +228,7 @@ fn the_window_stays_responsive_while_the_service_does_not_answer() {
         }
     });
     let url = format!("http://{addr}");
-    let mut s = settings(&url, "vcn_any");
+    let mut s = settings(&url, "vcn_any", NO_CARD);
     s.call_timeout = Duration::from_secs(5);
     let (mut h, _clock) = harness(s);
     type_into(&mut h, "Amount", "10");
@@ -257,9 +262,9 @@ fn the_window_stays_responsive_while_the_service_does_not_answer() {
 fn a_purchase_shows_as_a_notification() {
     let server = Server::start();
     let key = server.widget_key(OWNER);
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
     wait_for(&mut h, "live updates", |h| {
-        shows(h, "live") && shows(h, "No cards yet.")
+        shows(h, "live") && shows(h, "closed")
     });
     let pan = generate(&mut h, "50");
     let cvv = after(&h, "CVV ").expect("cvv");
@@ -315,7 +320,7 @@ fn pause_resume_and_close_from_the_list() {
     let id = issued.card.expect("card").card_id;
     let state = |s: &Server| pb::CardState::try_from(s.get_card(&key, &id).state).unwrap();
 
-    let (mut h, _clock) = harness(settings(&server.url(), &key));
+    let (mut h, _clock) = harness(settings(&server.url(), &key, &server.funding_card));
     wait_for(&mut h, "the card in the list", |h| shows(h, "active"));
     assert!(shows(&h, "30.00 EUR"));
 
@@ -331,7 +336,9 @@ fn pause_resume_and_close_from_the_list() {
     h.step();
     assert_eq!(state(&server), pb::CardState::Active, "close asks first");
     click(&mut h, "Really close?");
-    wait_for(&mut h, "the closed card", |h| shows(h, "closed"));
+    wait_for(&mut h, "the closed card", |h| {
+        labels(h).iter().filter(|l| *l == "closed").count() == 2
+    });
     assert_eq!(state(&server), pb::CardState::Closed);
     assert!(h.query_by_label("Resume").is_none() && h.query_by_label("Pause").is_none());
 }

@@ -22,7 +22,7 @@ use vcn::api::pb::authorization_service_client::AuthorizationServiceClient;
 use vcn::api::pb::card_service_client::CardServiceClient;
 use vcn::clients::{self, Role};
 use vcn::config::Config;
-use vcn::domain::Pan;
+use vcn::domain::CardId;
 use vcn_widget::config::{ApiKey, FundingCard, Settings};
 use vcn_widget::{Clock, ManualClock, WidgetApp};
 
@@ -44,6 +44,9 @@ pub type Switch = AuthorizationServiceClient<InterceptedService<Channel, Bearer>
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// A card the bank issued to OWNER on FUNDING: the widget names its
+    /// funding card by this id.
+    pub funding_card: String,
     pub config: Config,
     pub rt: Runtime,
     _dir: TempDir,
@@ -73,12 +76,54 @@ impl Server {
             tokio::spawn(service.serve(listener, std::future::pending()));
             addr
         });
-        Server {
+        let mut server = Server {
             addr,
+            funding_card: String::new(),
             config,
             rt,
             _dir: dir,
-        }
+        };
+        server.funding_card = server.enrol(OWNER);
+        server
+    }
+
+    /// What the bank does once per funding card: issue a card on it (with
+    /// the real number, through a full cards key), whose id the widget
+    /// then uses.
+    pub fn enrol(&self, owner: &str) -> String {
+        let n = clients::list(&self.config.keys_dir)
+            .map(|l| l.len())
+            .unwrap_or(0);
+        let key = clients::add(
+            &self.config.keys_dir,
+            &format!("bank{n}"),
+            Role::Cards,
+            None,
+        )
+        .expect("add client");
+        let mut c = self.cards(&key);
+        let r = self
+            .rt
+            .block_on(c.issue_card(pb::IssueCardRequest {
+                funding_pan: FUNDING.into(),
+                owner: owner.into(),
+                spend_limit: Some(pb::Money {
+                    amount_minor: 100,
+                    currency: "EUR".into(),
+                }),
+                ..Default::default()
+            }))
+            .expect("enrol the funding card")
+            .into_inner();
+        let id = r.card.expect("card").card_id;
+        // Closed at once: it only names the funding card (until it is
+        // purged), and shows in the widget's list as a closed row.
+        self.rt
+            .block_on(c.close_card(pb::CardRef {
+                card_id: id.clone(),
+            }))
+            .expect("close the enrolment card");
+        id
     }
 
     pub fn url(&self) -> String {
@@ -140,13 +185,16 @@ impl Server {
     }
 }
 
-pub fn settings(server: &str, key: &str) -> Settings {
+/// A funding card id for settings against no server.
+pub const NO_CARD: &str = "vc_0123456789abcdef01234567";
+
+pub fn settings(server: &str, key: &str, funding_card: &str) -> Settings {
     Settings::new(
         server,
         ApiKey::new(key),
         vec![FundingCard {
             label: "Visa debit".into(),
-            pan: Pan::parse(FUNDING).expect("funding pan"),
+            card_id: CardId::parse("card_id", funding_card).expect("card id"),
         }],
     )
 }
