@@ -479,15 +479,24 @@ impl SledStore {
     fn reopen(&self) -> Result<(), StoreError> {
         let mut slot = self.engine.write().unwrap_or_else(|e| e.into_inner());
         // Drop the failed engine first: sled holds its file lock until then.
-        drop(slot.take());
-        let engine = Engine::open(&self.shared, &self.options).map_err(|e| match e {
-            StoreError::Unavailable(m) if m.contains("in use") => StoreError::Unavailable(
-                "the vault is reopening after a write error (calls still in flight hold it): retry in a moment".into(),
-            ),
-            other => other,
-        })?;
-        *slot = Some(Arc::new(engine));
-        Ok(())
+        let old = slot.take().map(|e| Arc::downgrade(&e));
+        match Engine::open(&self.shared, &self.options) {
+            Ok(engine) => {
+                *slot = Some(Arc::new(engine));
+                Ok(())
+            }
+            Err(e) => {
+                // Calls still in flight hold the old engine (that is why it
+                // could not be reopened): keep serving reads from it.
+                *slot = old.and_then(|w| w.upgrade());
+                Err(match e {
+                    StoreError::Unavailable(m) if m.contains("in use") => StoreError::Unavailable(
+                        "the vault is reopening after a write error (calls still in flight hold it): retry in a moment".into(),
+                    ),
+                    other => other,
+                })
+            }
+        }
     }
 
     /// A read, once more on a reopened engine when it failed on a broken
