@@ -107,6 +107,74 @@ pub struct Options {
     pub repeat: usize,
     /// Progress on standard error.
     pub verbose: bool,
+    /// The server process to watch for CPU and memory: its pid, and the
+    /// name prefix of threads in it that are not the server's (the load
+    /// tool's own, when the server runs in-process).
+    pub server_process: Option<Watched>,
+}
+
+/// A process whose CPU time and memory the run reports.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub pid: u32,
+    /// Threads whose names start with this are left out of its CPU time.
+    pub exclude_threads: Option<String>,
+}
+
+impl Watched {
+    /// This process, less the load tool's runtime threads: the in-process
+    /// server.
+    pub fn in_process() -> Watched {
+        Watched {
+            pid: std::process::id(),
+            exclude_threads: Some(LOAD_THREADS.to_string()),
+        }
+    }
+
+    /// CPU time (user + system) the server has used, in microseconds.
+    pub fn cpu_us(&self) -> Option<u64> {
+        let total = proc_cpu_us(&format!("/proc/{}/stat", self.pid))?;
+        let Some(prefix) = &self.exclude_threads else {
+            return Some(total);
+        };
+        let mut other = 0;
+        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+            let Ok(entry) = entry else { continue };
+            let dir = entry.path();
+            let named = std::fs::read_to_string(dir.join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(prefix.as_str()));
+            if named {
+                other += proc_cpu_us(&dir.join("stat").to_string_lossy()).unwrap_or(0);
+            }
+        }
+        Some(total.saturating_sub(other))
+    }
+
+    /// Resident memory now and at its peak, in bytes.
+    pub fn rss_bytes(&self) -> (Option<u64>, Option<u64>) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok();
+        let field = |name: &str| -> Option<u64> {
+            let line = status.as_deref()?.lines().find(|l| l.starts_with(name))?;
+            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// The thread name of the load tool's runtime.
+pub const LOAD_THREADS: &str = "vcn-bench-load";
+
+/// utime + stime of a /proc stat file, in microseconds.
+fn proc_cpu_us(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(ticks * 1_000_000 / hz)
 }
 
 impl Default for Options {
@@ -121,6 +189,7 @@ impl Default for Options {
             ops: Op::ALL.to_vec(),
             repeat: 1,
             verbose: false,
+            server_process: None,
         }
     }
 }
@@ -173,6 +242,10 @@ pub struct OpResult {
     pub max_us: u64,
     /// throughput / the health floor's in the same round.
     pub ratio_to_floor: Option<f64>,
+    /// The server's CPU time (user + system, all its threads) per call,
+    /// in microseconds, when its process is watched: what an operation
+    /// costs, steadier on a shared machine than throughput.
+    pub server_cpu_us_per_call: Option<f64>,
     /// The first error seen, if any (a status code and message: never a
     /// card number).
     pub first_error: Option<String>,
@@ -187,6 +260,11 @@ pub struct Round {
     /// Cards this run had issued when the round started.
     pub cards_issued_before: u64,
     pub ops: Vec<OpResult>,
+    /// Seconds since the run started, at the end of this round.
+    pub at_s: f64,
+    /// The server's resident memory at the end of this round, when its
+    /// process is watched.
+    pub server_rss_bytes: Option<u64>,
 }
 
 /// One operation over the repeats of a phase: the median of each figure.
@@ -200,6 +278,7 @@ pub struct OpSummary {
     pub p999_us: u64,
     /// Median of the per-repeat ratios to the floor.
     pub ratio_to_floor: Option<f64>,
+    pub server_cpu_us_per_call: Option<f64>,
     pub errors: u64,
 }
 
@@ -246,6 +325,11 @@ fn summarise(rounds: &[Round]) -> Vec<PhaseSummary> {
                 p99_us: m(&|o| o.p99_us).unwrap_or(0),
                 p999_us: m(&|o| o.p999_us).unwrap_or(0),
                 ratio_to_floor: median(each.iter().filter_map(|o| o.ratio_to_floor).collect()),
+                server_cpu_us_per_call: median(
+                    each.iter()
+                        .filter_map(|o| o.server_cpu_us_per_call)
+                        .collect(),
+                ),
                 errors: each.iter().map(|o| o.errors).sum(),
             });
         }
@@ -356,13 +440,17 @@ impl Report {
         ));
         for r in &self.rounds {
             s.push_str(&format!(
-                "\n{} round {} (cards issued by this run before it: {})\n",
+                "\n{} round {} (cards issued by this run before it: {}; ended at {:.0}s{})\n",
                 if r.phase == 0 { "first" } else { "after-fill" },
                 r.repeat,
-                r.cards_issued_before
+                r.cards_issued_before,
+                r.at_s,
+                r.server_rss_bytes
+                    .map(|b| format!(", server RSS {}", mib(b)))
+                    .unwrap_or_default()
             ));
             s.push_str(&format!(
-                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8}\n",
+                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>8}\n",
                 "operation",
                 "calls/s",
                 "p50 ms",
@@ -371,11 +459,12 @@ impl Report {
                 "max ms",
                 "floor",
                 "errors",
-                "declined"
+                "declined",
+                "srv µs"
             ));
             for o in &r.ops {
                 s.push_str(&format!(
-                    "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8}\n",
+                    "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8} {:>8}\n",
                     o.op.name(),
                     o.throughput,
                     o.p50_us as f64 / 1000.0,
@@ -386,7 +475,8 @@ impl Report {
                         .map(|r| format!("{:.0}%", r * 100.0))
                         .unwrap_or_else(|| "-".into()),
                     o.errors,
-                    o.declined
+                    o.declined,
+                    cpu_text(o.server_cpu_us_per_call)
                 ));
                 if let Some(e) = &o.first_error {
                     s.push_str(&format!("    first error: {e}\n"));
@@ -406,12 +496,19 @@ impl Report {
                     p.cards_issued_before
                 ));
                 s.push_str(&format!(
-                    "{:<14} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}\n",
-                    "operation", "calls/s", "p50 ms", "p99 ms", "p999 ms", "floor", "errors"
+                    "{:<14} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8}\n",
+                    "operation",
+                    "calls/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "p999 ms",
+                    "floor",
+                    "errors",
+                    "srv µs"
                 ));
                 for o in &p.ops {
                     s.push_str(&format!(
-                        "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7}\n",
+                        "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8}\n",
                         o.op.name(),
                         o.throughput,
                         o.p50_us as f64 / 1000.0,
@@ -420,7 +517,8 @@ impl Report {
                         o.ratio_to_floor
                             .map(|r| format!("{:.0}%", r * 100.0))
                             .unwrap_or_else(|| "-".into()),
-                        o.errors
+                        o.errors,
+                        cpu_text(o.server_cpu_us_per_call)
                     ));
                 }
             }
@@ -462,6 +560,14 @@ impl Report {
         }
         s
     }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / 1048576.0)
+}
+
+fn cpu_text(us: Option<f64>) -> String {
+    us.map(|u| format!("{u:.0}")).unwrap_or_else(|| "-".into())
 }
 
 /// Adds the bearer key to every call.
@@ -709,6 +815,7 @@ fn result(op: Op, d: Driven) -> OpResult {
         p999_us: q(0.999),
         max_us: d.hist.max(),
         ratio_to_floor: None,
+        server_cpu_us_per_call: None,
         first_error: d.first_error,
     }
 }
@@ -739,6 +846,7 @@ struct Run {
     sample: Arc<Mutex<Sample>>,
     hot: Option<Arc<Tracked>>,
     pools: Vec<Arc<Vec<Tracked>>>,
+    started: Instant,
 }
 
 impl Run {
@@ -814,7 +922,16 @@ impl Run {
                 op.name(),
                 self.opts.duration
             ));
-            ops.push(self.measure(op).await?);
+            let watched = self.opts.server_process.clone();
+            let cpu_before = watched.as_ref().and_then(Watched::cpu_us);
+            let mut r = self.measure(op).await?;
+            let cpu_after = watched.as_ref().and_then(Watched::cpu_us);
+            if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+                let calls = r.calls + r.declined;
+                r.server_cpu_us_per_call =
+                    (calls > 0).then(|| b.saturating_sub(a) as f64 / calls as f64);
+            }
+            ops.push(r);
         }
         let floor = ops
             .iter()
@@ -828,6 +945,12 @@ impl Run {
             repeat,
             cards_issued_before: before,
             ops,
+            at_s: self.started.elapsed().as_secs_f64(),
+            server_rss_bytes: self
+                .opts
+                .server_process
+                .as_ref()
+                .and_then(|w| w.rss_bytes().0),
         })
     }
 
@@ -1245,6 +1368,7 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
         })),
         hot: None,
         pools: Vec::new(),
+        started: Instant::now(),
     };
     let mut rounds = Vec::new();
     for repeat in 1..=run.opts.repeat {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::bench::{self, LocalServer, Op, Options, Target};
+use crate::bench::{self, LocalServer, Op, Options, Target, Watched};
 use crate::cli::{fail, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 #[derive(Args, Debug)]
@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// In-process server only: sled's cache in MiB.
     #[arg(long, default_value_t = 256, conflicts_with = "server")]
     cache_mib: u64,
+    /// With --server on this machine: the server's process id, to report
+    /// its CPU time per call and its memory each round [default with an
+    /// in-process server: that server].
+    #[arg(long, requires = "server")]
+    server_pid: Option<u32>,
     /// No progress lines on standard error.
     #[arg(long)]
     quiet: bool,
@@ -93,6 +98,14 @@ pub fn run(args: BenchArgs) -> ExitCode {
         },
         repeat: args.repeat,
         verbose: !args.quiet,
+        server_process: match (&args.server, args.server_pid) {
+            (None, _) => Some(Watched::in_process()),
+            (Some(_), Some(pid)) => Some(Watched {
+                pid,
+                exclude_threads: None,
+            }),
+            (Some(_), None) => None,
+        },
     };
     if opts.hot_cap <= 0 || opts.concurrency == 0 || opts.connections == 0 || opts.repeat == 0 {
         return fail(
@@ -136,7 +149,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     // The load tool's own runtime; an in-process server has another.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("vcn-bench-load")
+        .thread_name(bench::LOAD_THREADS)
         .build()
     {
         Ok(rt) => rt,

@@ -414,6 +414,25 @@ mod tests {
         )
     }
 
+    /// Fingerprints are stored (transaction and idempotency records) and
+    /// compared with a retry's: the tag must stay the HMAC of the label and
+    /// each part's length and bytes, however it is computed, and must tell
+    /// parts apart by their boundaries.
+    #[test]
+    fn fingerprint_is_the_hmac_of_label_and_length_prefixed_parts() {
+        let k = keyring(3);
+        let parts: [&[u8]; 3] = [b"authorize", b"txn-1", b"4111111111111111"];
+        let mut ctx = hmac::Context::with_key(&k.current().index);
+        ctx.update(b"vcn/fingerprint");
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
+        assert_eq!(k.fingerprint(&parts), ctx.sign().as_ref().to_vec());
+        assert_ne!(k.fingerprint(&[b"ab", b"c"]), k.fingerprint(&[b"a", b"bc"]));
+        assert_ne!(k.fingerprint(&parts), keyring(4).fingerprint(&parts));
+    }
+
     #[test]
     fn seal_and_open_round_trip() {
         let k = keyring(1);

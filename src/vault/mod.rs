@@ -594,7 +594,12 @@ impl Vault {
                 }
                 pan
             };
-            if pan == req.funding_pan || self.number_in_use(&pan).await? {
+            // The update below reads this number's index entry and funding
+            // entry under the current key version, under its lock, and
+            // draws again on a hit; only numbers indexed under older key
+            // versions need looking up first.
+            let older_versions = self.keys.index_versions().any(|v| v != version);
+            if pan == req.funding_pan || (older_versions && self.number_in_use(&pan).await?) {
                 continue;
             }
             let idx = keys.pan_index(version, &pan).map_err(crypto)?;
