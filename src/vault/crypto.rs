@@ -428,9 +428,10 @@ mod tests {
             ctx.update(&(p.len() as u64).to_be_bytes());
             ctx.update(p);
         }
-        assert_eq!(k.fingerprint(&parts), ctx.sign().as_ref().to_vec());
-        assert_ne!(k.fingerprint(&[b"ab", b"c"]), k.fingerprint(&[b"a", b"bc"]));
-        assert_ne!(k.fingerprint(&parts), keyring(4).fingerprint(&parts));
+        let fp = |k: &Keyring, parts: &[&[u8]]| k.fingerprint(k.current_version(), parts).unwrap();
+        assert_eq!(fp(&k, &parts), ctx.sign().as_ref().to_vec());
+        assert_ne!(fp(&k, &[b"ab", b"c"]), fp(&k, &[b"a", b"bc"]));
+        assert_ne!(fp(&k, &parts), fp(&keyring(4), &parts));
     }
 
     #[test]

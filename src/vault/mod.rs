@@ -598,7 +598,7 @@ impl Vault {
             // entry under the current key version, under its lock, and
             // draws again on a hit; only numbers indexed under older key
             // versions need looking up first.
-            let older_versions = self.keys.index_versions().any(|v| v != version);
+            let older_versions = keys.index_versions().any(|v| v != version);
             if pan == req.funding_pan || (older_versions && self.number_in_use(&pan).await?) {
                 continue;
             }

@@ -109,15 +109,32 @@ async fn a_full_disk_refuses_writes_clearly_keeps_reads_resumes_and_loses_nothin
     for card in issued.iter().rev().take(10) {
         let id = &card.card.as_ref().unwrap().card_id;
         assert_eq!(&get(&mut cards, id).await.card_id, id, "GetCard while full");
-        let d = switch
-            .detokenize(pb::DetokenizeRequest {
-                pan: card.pan.clone(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("Detokenize while full: {s:?}"))
-            .into_inner();
-        assert_eq!(d.funding_pan, FUNDING);
     }
+    let listed = cards
+        .list_cards(pb::ListCardsRequest {
+            owner: "alice".into(),
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ListCards while full: {s:?}"))
+        .into_inner();
+    assert_eq!(listed.cards.len(), 5);
+    // Detokenize reads too, but reveals a card number, so its audit entry
+    // must be written first (PCI DSS 10.2, issue 3): refused while nothing
+    // can be written, saying why, never answered unaudited.
+    let err = switch
+        .detokenize(pb::DetokenizeRequest {
+            pan: issued[0].pan.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("audit") && err.message().contains("full"),
+        "{}",
+        err.message()
+    );
     // Still refused: the reads did not open the way for writes.
     let err = cards
         .issue_card(issue_req("alice", 5000))
