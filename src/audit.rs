@@ -24,7 +24,7 @@
 
 use std::fs;
 use std::io::{BufRead, Write as _};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::vault::keyfile;
 use crate::vault::store::{Store, StoreError, Write};
 
 pub const AUDIT_KEY_FILE: &str = "audit.key";
@@ -227,32 +228,11 @@ pub fn load_key(keys_dir: &Path, may_create: bool) -> Result<hmac::Key, AuditErr
                     .into(),
             ));
         }
-        use ring::rand::SecureRandom;
-        let mut k = Zeroizing::new([0u8; 32]);
-        ring::rand::SystemRandom::new()
-            .fill(&mut k[..])
-            .map_err(|_| err("the system random number generator failed".into()))?;
-        fs::create_dir_all(keys_dir).map_err(|e| err(e.to_string()))?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| err(e.to_string()))?;
+        let k = keyfile::random_key().map_err(|e| err(e.to_string()))?;
         let text = Zeroizing::new(format!("{}\n", hex::encode(&k[..])));
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| err(e.to_string()))?;
+        keyfile::create_secret_file(&path, text.as_bytes()).map_err(|e| err(e.to_string()))?;
     }
-    let meta = fs::metadata(&path).map_err(|e| err(e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(err(format!(
-            "may be read by group or others (mode {mode:o}): run `chmod 600 {}`",
-            path.display()
-        )));
-    }
-    let text = Zeroizing::new(fs::read_to_string(&path).map_err(|e| err(e.to_string()))?);
+    let text = keyfile::read_secret_file(&path).map_err(err)?;
     let mut k = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(text.trim(), &mut k[..])
         .map_err(|_| err("not an audit key (expected 64 hex digits)".into()))?;

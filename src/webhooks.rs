@@ -176,43 +176,19 @@ impl Hook {
 /// Reads a `whsec_` secret, making one (32 random bytes, mode 0600) when the
 /// file does not exist. A file group or others may read is refused.
 pub fn load_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, WebhookError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use crate::vault::keyfile;
     let err = |reason: String| WebhookError::Secret {
         path: path.to_path_buf(),
         reason,
     };
     let b64 = base64::engine::general_purpose::STANDARD;
     if !path.exists() {
-        use ring::rand::SecureRandom;
-        let mut k = Zeroizing::new([0u8; 32]);
-        ring::rand::SystemRandom::new()
-            .fill(&mut k[..])
-            .map_err(|_| err("the system random number generator failed".into()))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| err(e.to_string()))?;
+        let k = keyfile::random_key().map_err(|e| err(e.to_string()))?;
         let text = Zeroizing::new(format!("whsec_{}\n", b64.encode(&k[..])));
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| err(e.to_string()))?;
+        keyfile::create_secret_file(path, text.as_bytes()).map_err(|e| err(e.to_string()))?;
         tracing::info!(path = %path.display(), "made a webhook signing secret: give it to the receiver");
     }
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(err(format!(
-            "may be read by group or others (mode {mode:o}): run `chmod 600 {}`",
-            path.display()
-        )));
-    }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    let text = keyfile::read_secret_file(path).map_err(err)?;
     let encoded = text
         .trim()
         .strip_prefix("whsec_")

@@ -108,7 +108,7 @@ pub fn master_key_path(keys_dir: &Path) -> PathBuf {
     version_path(keys_dir, 1)
 }
 
-fn random_key() -> Result<MasterKey, KeyFileError> {
+pub fn random_key() -> Result<MasterKey, KeyFileError> {
     use ring::rand::SecureRandom;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     ring::rand::SystemRandom::new()
@@ -137,6 +137,41 @@ fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// Creates `path` (and its directory) holding `text`, mode 0600, never
+/// overwriting, synced: a secret of the service's own (audit key, webhook
+/// secret). Read it back with [`read_secret_file`].
+pub fn create_secret_file(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text)?;
+    file.sync_all()
+}
+
+/// Reads a secret file, refusing one that group or others may read; the
+/// error says how to fix it, and never holds the content.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, String> {
+    let mode = fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "may be read by group or others (mode {mode:o}): run `chmod 600 {}`",
+            path.display()
+        ));
+    }
+    Ok(Zeroizing::new(
+        fs::read_to_string(path).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Writes `text` to a new file of mode `mode`, refusing to overwrite.
