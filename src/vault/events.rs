@@ -131,6 +131,21 @@ pub async fn watch(
                 .await;
             return;
         }
+        // Events the retention pass deleted are not a gap: resume after them.
+        match store.get(&records::event_floor_key(&owner)).await {
+            Ok(Some(b)) => {
+                let floor = <[u8; 8]>::try_from(b.as_slice()).map_or(0, u64::from_be_bytes);
+                if floor > last {
+                    tracing::info!(owner = %owner, after = last, floor, "events up to the floor were deleted by retention: resuming after it");
+                    last = floor;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
         let from = (last > 0).then(|| records::event_key(&owner, last));
         let page = match store.scan(&prefix, from.as_deref(), PAGE).await {
             Ok(p) => p,

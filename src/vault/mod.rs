@@ -1385,6 +1385,7 @@ impl Vault {
                             remaining: outcome.remaining.map(Money::amount_minor),
                             currency: card.policy.spend_limit.currency().code().to_string(),
                             fingerprint_version: keys.current_version(),
+                            decided_at: now.unix_timestamp(),
                         };
                         writes.push(Write::Put(k.clone(), prost::Message::encode_to_vec(&r)));
                     }

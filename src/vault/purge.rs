@@ -3,8 +3,9 @@
 //!
 //! A card ends when it is closed or used (the purge pass that first sees
 //! that records the time) or when its `valid_until` passes. `retention`
-//! after its end, a pass deletes the card's record, its owner-list entry
-//! and the transaction records older than `retention`, and replaces its
+//! after its end, a pass deletes the card's record and its owner-list
+//! entry (and, of every card, the transaction and reversal records and
+//! the card events older than `retention`), and replaces its
 //! number index entries with tombstones: the number no longer maps to
 //! anything (Detokenize: NOT_FOUND, Authorize: 14) but cannot be issued
 //! again until `quarantine` after the purge, when a later pass frees it.
@@ -13,7 +14,8 @@ use time::OffsetDateTime;
 
 use crate::domain::{CardId, CardState};
 use crate::vault::records::{
-    card_key, decode, owner_key, pan_key, CardRecord, IdempotencyRecord, TxnRecord,
+    card_key, decode, event_owner_seq, owner_key, pan_key, CardRecord, EventRecord,
+    IdempotencyRecord, ReversalRecord, TxnRecord,
 };
 use crate::vault::{Vault, VaultError, Write};
 
@@ -32,6 +34,8 @@ pub struct PurgeStats {
     pub cards_purged: u64,
     pub numbers_released: u64,
     pub transactions_purged: u64,
+    pub reversals_purged: u64,
+    pub events_purged: u64,
     pub idempotency_keys_purged: u64,
 }
 
@@ -116,22 +120,23 @@ impl Vault {
             stats.numbers_released += u64::from(released);
         }
 
-        // Transaction records past retention: retries come within minutes,
-        // never a year later.
-        let mut old = Vec::new();
-        self.scan_all(b"t/", |k, v| {
-            if decode::<TxnRecord>("transaction", &v)
-                .is_ok_and(|t| t.decided_at + retention.whole_seconds() <= now_s)
-            {
-                old.push(k);
-            }
-        })
-        .await?;
-        stats.transactions_purged = old.len() as u64;
-        for chunk in old.chunks(PAGE) {
-            let writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
-            self.store.update(&[], &mut |_| writes.clone()).await?;
-        }
+        // Transaction and reversal records past retention: retries come
+        // within minutes, never a year later. Then the card events past it
+        // (WatchEvents and webhooks resume from the oldest one kept).
+        let past = |t: i64| t + retention.whole_seconds() <= now_s;
+        stats.transactions_purged = self
+            .delete_where(b"t/", |v| {
+                decode::<TxnRecord>("transaction", v).is_ok_and(|t| past(t.decided_at))
+            })
+            .await?;
+        stats.reversals_purged = self
+            .delete_where(b"r/", |v| {
+                // 0: written before reversals recorded their time; kept.
+                decode::<ReversalRecord>("reversal", v)
+                    .is_ok_and(|r| r.decided_at > 0 && past(r.decided_at))
+            })
+            .await?;
+        stats.events_purged = self.purge_events(&past).await?;
 
         // Idempotency keys of cards that are gone.
         let mut keys = Vec::new();
@@ -153,6 +158,58 @@ impl Vault {
             tracing::info!(?stats, "retention pass");
         }
         Ok(stats)
+    }
+
+    /// Deletes every entry under `prefix` whose value `old` picks, a page
+    /// at a time; returns how many. What `old` picks is by a time that
+    /// never changes, so no later write can make a picked entry young
+    /// again: deleting what the scan saw needs no re-check.
+    async fn delete_where(
+        &self,
+        prefix: &[u8],
+        old: impl Fn(&[u8]) -> bool,
+    ) -> Result<u64, VaultError> {
+        let mut keys = Vec::new();
+        self.scan_all(prefix, |k, v| {
+            if old(&v) {
+                keys.push(k);
+            }
+        })
+        .await?;
+        for chunk in keys.chunks(PAGE) {
+            let writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
+            self.store.update(&[], &mut |_| writes.clone()).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+
+    /// Deletes the events `past` retention, and records for each owner the
+    /// highest sequence number deleted (its floor), in the same update.
+    async fn purge_events(&self, past: &impl Fn(i64) -> bool) -> Result<u64, VaultError> {
+        let mut keys = Vec::new();
+        self.scan_all(b"e/", |k, v| {
+            if decode::<EventRecord>("event", &v).is_ok_and(|e| past(e.occurred_at)) {
+                keys.push(k);
+            }
+        })
+        .await?;
+        for chunk in keys.chunks(PAGE) {
+            // Keys are in owner, then sequence order: the last one of an
+            // owner in a chunk is its highest, and later chunks only raise it.
+            let mut floors: Vec<(&[u8], u64)> = Vec::new();
+            for (owner, seq) in chunk.iter().filter_map(|k| event_owner_seq(k)) {
+                match floors.last_mut() {
+                    Some((o, s)) if *o == owner => *s = seq,
+                    _ => floors.push((owner, seq)),
+                }
+            }
+            let mut writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
+            writes.extend(floors.iter().map(|(owner, seq)| {
+                Write::Put([b"x/", *owner].concat(), seq.to_be_bytes().to_vec())
+            }));
+            self.store.update(&[], &mut |_| writes.clone()).await?;
+        }
+        Ok(keys.len() as u64)
     }
 
     async fn mark_ended(&self, id: &CardId, now_s: i64) -> Result<(), VaultError> {

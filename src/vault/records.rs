@@ -81,6 +81,20 @@ pub fn event_seq(prefix: &[u8], key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
+/// The highest sequence number of an owner's events that the retention
+/// pass deleted: a watcher behind it resumes after it, not at a gap.
+pub fn event_floor_key(owner: &Owner) -> Vec<u8> {
+    [b"x/", owner.as_str().as_bytes()].concat()
+}
+
+/// The owner and sequence number of any event key (`e/owner\0seq`).
+pub fn event_owner_seq(key: &[u8]) -> Option<(&[u8], u64)> {
+    let rest = key.strip_prefix(b"e/")?;
+    let (owner, seq) = rest.split_at(rest.len().checked_sub(9)?);
+    let seq = seq.strip_prefix(b"\0")?;
+    Some((owner, u64::from_be_bytes(seq.try_into().ok()?)))
+}
+
 /// The last sequence number given to an owner's events. Every update that
 /// records an event names this key, so one owner's events are numbered
 /// one at a time, in commit order, with no gaps.
@@ -377,6 +391,10 @@ pub struct ReversalRecord {
     /// The index key version of `fingerprint` (0: version 1).
     #[prost(uint32, tag = "6")]
     pub fingerprint_version: u32,
+    /// When it was decided (Unix seconds; 0 in records written before this
+    /// field, which the retention pass keeps): retention deletes it after.
+    #[prost(int64, tag = "7")]
+    pub decided_at: i64,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -42,6 +42,17 @@ async fn ended_cards_map_through_retention_then_purge_and_their_numbers_wait_out
             .await
             .approved
     );
+    // A reversal: its record goes with retention too.
+    let r = switch
+        .reverse(pb::ReverseRequest {
+            transaction_id: "t-closed".into(),
+            amount: None,
+            reversal_id: "rv-closed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.reversed);
     cards
         .close_card(pb::CardRef {
             card_id: id(&closed),
@@ -71,6 +82,31 @@ async fn ended_cards_map_through_retention_then_purge_and_their_numbers_wait_out
     assert_eq!(s.cards_purged, 2, "{s:?}");
     assert!(s.transactions_purged >= 2, "{s:?}");
     assert_eq!(s.idempotency_keys_purged, 1, "{s:?}");
+    // Of every card, the reversal records and the card events past
+    // retention go too (3 issued, 2 approved, 1 used up, 1 reversed, 1 closed).
+    assert_eq!(s.reversals_purged, 1, "{s:?}");
+    assert_eq!(s.events_purged, 8, "{s:?}");
+    // A watcher from the start resumes after what was deleted, at once
+    // (not after waiting out a gap), and sees the next change.
+    let mut events = cards
+        .watch_events(pb::WatchEventsRequest {
+            owner: "alice".into(),
+            after_cursor: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cards
+        .pause_card(pb::CardRef { card_id: id(&live) })
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), events.message())
+        .await
+        .expect("the watcher did not skip the deleted events")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.r#type, pb::CardEventType::Paused as i32);
+    assert_eq!(next.cursor, "0000000000000009");
     for gone in [&closed, &used] {
         assert_status(
             switch

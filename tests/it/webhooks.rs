@@ -317,3 +317,44 @@ async fn a_receiver_that_never_answers_does_not_hold_up_authorisations() {
     assert!(!held.lock().unwrap().is_empty(), "the hook never connected");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn events_deleted_by_retention_before_delivery_do_not_stall_the_hook() {
+    // The receiver is down while the events happen and while the retention
+    // pass deletes them; once it is back, the next event still arrives.
+    let receiver = Receiver::start(0).await;
+    receiver.down.store(true, Ordering::SeqCst);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = vcn::config::Config {
+        webhooks: vec![hook_config(receiver.port)],
+        ..config_in(dir.path())
+    };
+    let server = TestServer::start_with(dir, config).await;
+    let (mut cards, _switch) = server.clients().await;
+    let card = issue(
+        &mut cards,
+        pb::IssueCardRequest {
+            max_uses: 2,
+            ..issue_req("carol", 500)
+        },
+    )
+    .await;
+    let start = Instant::now();
+    while receiver.seen.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(397);
+    let s = server.vault.purge(later).await.unwrap();
+    assert_eq!(s.events_purged, 1, "{s:?}");
+    receiver.down.store(false, Ordering::SeqCst);
+    cards
+        .pause_card(pb::CardRef {
+            card_id: card.card.as_ref().unwrap().card_id.clone(),
+        })
+        .await
+        .unwrap();
+    let got = receiver.accepted(1).await;
+    assert_eq!(json(&got[0])["type"], "card.paused", "{got:?}");
+    server.stop().await;
+}
