@@ -9,7 +9,12 @@
 //! - `authorize`: Authorize on a pool of fresh multi-use cards, each task
 //!   on its own cards (no two tasks on one card at once);
 //! - `authorize_hot`: Authorize with every task on one multi-use card;
-//! - `detokenize`: Detokenize of numbers issued earlier in the run.
+//! - `detokenize`: Detokenize of numbers issued earlier in the run;
+//! - `lifecycle`: a disposable card's whole life, timed as one call:
+//!   IssueCard of a single-use card, then the one Authorize it takes. With
+//!   a short `--retention` (in-process server) the retention pass then
+//!   deletes it and its records, so the vault stays the same size however
+//!   long the run: the steady state a soak needs.
 //!
 //! With `fill`, a first round runs on the vault as it is, the tool then
 //! issues `fill` more cards, and a second round runs on the full vault.
@@ -61,15 +66,17 @@ pub enum Op {
     Authorize,
     AuthorizeHot,
     Detokenize,
+    Lifecycle,
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
+    pub const ALL: [Op; 6] = [
         Op::Health,
         Op::Issue,
         Op::Authorize,
         Op::AuthorizeHot,
         Op::Detokenize,
+        Op::Lifecycle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +86,7 @@ impl Op {
             Op::Authorize => "authorize",
             Op::AuthorizeHot => "authorize_hot",
             Op::Detokenize => "detokenize",
+            Op::Lifecycle => "lifecycle",
         }
     }
 }
@@ -842,6 +850,8 @@ struct Run {
     conns: Vec<Conn>,
     /// Distinguishes this run's transaction ids from any other's.
     run_id: String,
+    /// Operations measured so far (part of their transaction ids).
+    measurements: u64,
     issued: Arc<AtomicU64>,
     sample: Arc<Mutex<Sample>>,
     hot: Option<Arc<Tracked>>,
@@ -958,7 +968,10 @@ impl Run {
         let until = Until::Time(Instant::now() + self.opts.duration);
         let conc = self.opts.concurrency;
         let conns = self.conns.clone();
-        let run_id = format!("{}{}", self.run_id, self.pools.len());
+        // Every measurement has transaction ids of its own: a repeated
+        // round must not replay the ids of the one before.
+        self.measurements += 1;
+        let run_id = format!("{}-{}-", self.run_id, self.measurements);
         let d = match op {
             Op::Health => {
                 drive(conc, until, move |task, _| {
@@ -1097,6 +1110,35 @@ impl Run {
                         match s.detokenize(req).await {
                             Ok(r) if r.get_ref().funding_pan == FUNDING => Outcome::Ok,
                             Ok(_) => Outcome::Error("detokenised to another funding card".into()),
+                            Err(s) => Outcome::Error(status_text(&s)),
+                        }
+                    }
+                })
+                .await
+            }
+            Op::Lifecycle => {
+                let issued = self.issued.clone();
+                drive(conc, until, move |task, seq| {
+                    let conn = &conns[task % conns.len()];
+                    let (mut c, mut s) = (conn.cards.clone(), conn.switch.clone());
+                    let issued = issued.clone();
+                    let txn = format!("{run_id}l-{task}-{seq}");
+                    async move {
+                        let card = match c
+                            .issue_card(issue_request(task + seq as usize, 5000, 1))
+                            .await
+                        {
+                            Ok(r) => Secret::from_response(r.into_inner()),
+                            Err(s) => return Outcome::Error(status_text(&s)),
+                        };
+                        issued.fetch_add(1, Ordering::Relaxed);
+                        match s.authorize(card.authorize(txn)).await {
+                            Ok(r) if r.get_ref().approved => Outcome::Ok,
+                            Ok(r) => Outcome::Error(format!(
+                                "declined {} ({})",
+                                r.get_ref().response_code,
+                                r.get_ref().decline_reason
+                            )),
                             Err(s) => Outcome::Error(status_text(&s)),
                         }
                     }
@@ -1360,6 +1402,7 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
         },
         conns: connect(target, opts.connections).await?,
         run_id: format!("b{:08x}", next_random(&mut rng) as u32),
+        measurements: 0,
         issued: Arc::new(AtomicU64::new(0)),
         sample: Arc::new(Mutex::new(Sample {
             cards: Vec::new(),
@@ -1446,8 +1489,14 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
-    /// Starts a server over `dir` (a new temporary directory when None).
-    pub fn start(dir: Option<&Path>, cache_mib: u64) -> Result<LocalServer, BenchError> {
+    /// Starts a server over `dir` (a new temporary directory when None),
+    /// with sled's cache of `cache_mib` and, when given, a compressed
+    /// `retention` (see [`crate::config::Config::compressed_retention`]).
+    pub fn start(
+        dir: Option<&Path>,
+        cache_mib: u64,
+        retention: Option<Duration>,
+    ) -> Result<LocalServer, BenchError> {
         let start_err = |e: String| BenchError::Start(e);
         let temp = match dir {
             Some(_) => None,
@@ -1468,6 +1517,7 @@ impl LocalServer {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
             cache_capacity_mib: cache_mib,
+            compressed_retention: retention,
             ..crate::config::Config::default()
         };
         let tag = format!("{:08x}", next_random(&mut seed()) as u32);

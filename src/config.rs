@@ -58,6 +58,12 @@ pub struct Config {
     pub quarantine_days: i64,
     /// How often the retention pass runs, in minutes (0: never).
     pub purge_every_minutes: u64,
+    /// Retention and quarantine both this long, and the retention pass four
+    /// times as often, instead of the day and minute settings above: time
+    /// compressed for the load tool's lifecycle soak (`vcn bench
+    /// --retention`). Not a file setting.
+    #[serde(skip)]
+    pub compressed_retention: Option<std::time::Duration>,
     /// sled's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
@@ -196,6 +202,7 @@ impl Default for Config {
             retention_days: 396,
             quarantine_days: 396,
             purge_every_minutes: 60,
+            compressed_retention: None,
             cache_capacity_mib: 256,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
@@ -362,10 +369,27 @@ impl Config {
                 max_validity: time::Duration::days(self.max_validity_days),
             },
             max_failed_verifications: self.max_failed_verifications,
-            retention: time::Duration::days(self.retention_days),
-            quarantine: time::Duration::days(self.quarantine_days),
+            retention: self.retention(),
+            quarantine: self
+                .compressed_retention
+                .map_or(time::Duration::days(self.quarantine_days), seconds),
             audit_instance: self.instance_name.clone(),
         })
+    }
+
+    /// How long ended cards, transactions and events are kept.
+    pub fn retention(&self) -> time::Duration {
+        self.compressed_retention
+            .map_or(time::Duration::days(self.retention_days), seconds)
+    }
+
+    /// How often the retention pass runs (None: never).
+    pub fn purge_every(&self) -> Option<std::time::Duration> {
+        match self.compressed_retention {
+            Some(r) => Some((r / 4).max(std::time::Duration::from_secs(1))),
+            None => (self.purge_every_minutes > 0)
+                .then(|| std::time::Duration::from_secs(self.purge_every_minutes * 60)),
+        }
     }
 
     /// Where the audit log is written.
@@ -495,4 +519,8 @@ mod tests {
             Err(ConfigError::Read { .. })
         ));
     }
+}
+
+fn seconds(d: std::time::Duration) -> time::Duration {
+    time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

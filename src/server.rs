@@ -367,8 +367,7 @@ impl Limits {
             overall: c.max_concurrent_requests,
             drain_grace: Duration::from_millis(c.drain_grace_ms),
             drain_timeout: Duration::from_millis(c.drain_timeout_ms),
-            purge_every: (c.purge_every_minutes > 0)
-                .then(|| Duration::from_secs(c.purge_every_minutes * 60)),
+            purge_every: c.purge_every(),
             failed_lookups: c.max_failed_lookups_per_minute,
             failed_auth: c.max_failed_auth_per_minute,
         }

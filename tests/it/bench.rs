@@ -66,3 +66,37 @@ async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
         assert!(longest_digit_run < 13, "a card-number-like run of digits");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_rounds_of_the_lifecycle_never_replay_a_transaction_id() {
+    // A disposable card's life (issue, then its one authorisation) run
+    // twice: the second round must use fresh transaction ids, or its
+    // authorisations come back as duplicates (94) and the hot card's
+    // approvals would be counted twice.
+    let server = TestServer::start().await;
+    let target = Target {
+        url: format!("http://{}", server.addr),
+        cards_key: server.add_client("bench-cards", Role::Cards, None),
+        switch_key: server.add_client("bench-switch", Role::Switch, None),
+    };
+    let opts = Options {
+        concurrency: 8,
+        connections: 2,
+        duration: Duration::from_millis(300),
+        ops: vec![Op::Lifecycle, Op::AuthorizeHot],
+        repeat: 2,
+        ..Options::default()
+    };
+    let report = bench::run(&target, &opts).await.expect("bench runs");
+    let text = report.text();
+    assert_eq!(report.rounds.len(), 2);
+    for r in &report.rounds {
+        for o in &r.ops {
+            assert!(o.calls > 0, "{text}");
+            assert_eq!(o.errors, 0, "{:?}: {:?}\n{text}", o.op, o.first_error);
+        }
+    }
+    let c = &report.checks;
+    assert!(c.ok, "{:?}", c.problems);
+    assert_eq!(c.hot_spent, c.hot_approved_sum, "{text}");
+}
