@@ -415,6 +415,10 @@ impl Config {
     }
 }
 
+fn seconds(d: std::time::Duration) -> time::Duration {
+    time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,8 +523,4 @@ mod tests {
             Err(ConfigError::Read { .. })
         ));
     }
-}
-
-fn seconds(d: std::time::Duration) -> time::Duration {
-    time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
