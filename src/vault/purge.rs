@@ -10,6 +10,7 @@
 //! anything (Detokenize: NOT_FOUND, Authorize: 14) but cannot be issued
 //! again until `quarantine` after the purge, when a later pass frees it.
 
+use futures_util::{stream, StreamExt, TryStreamExt};
 use time::OffsetDateTime;
 
 use crate::domain::{CardId, CardState};
@@ -25,6 +26,8 @@ pub const TOMBSTONE: &[u8] = b"purged:";
 
 /// Entries read per scan page.
 const PAGE: usize = 1000;
+/// Updates a pass keeps in flight at once.
+const IN_FLIGHT: usize = 64;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -74,25 +77,52 @@ impl Vault {
         let retention = self.config.retention;
         let now_s = now.unix_timestamp();
 
-        let mut cards = Vec::new();
-        self.scan_all(b"c/", |_, v| cards.push(v)).await?;
-        for bytes in cards {
-            let rec: CardRecord = decode("card", &bytes)?;
-            let card = rec.card()?;
+        // What each card needs, from one scan; then the updates, many at
+        // once so that they share the engine's group commits (one at a
+        // time, a pass could not keep up with cards ending at the rate a
+        // busy switch uses them).
+        let mut to_mark = Vec::new();
+        let mut to_purge = Vec::new();
+        let mut bad = None;
+        self.scan_all(b"c/", |_, bytes| {
+            let card = match decode::<CardRecord>("card", &bytes).and_then(|r| Ok((r.card()?, r))) {
+                Ok(c) => c,
+                Err(e) => {
+                    bad.get_or_insert(e);
+                    return;
+                }
+            };
+            let (card, rec) = card;
             let ended = if card.state.is_final() {
                 if rec.ended_at == 0 {
-                    self.mark_ended(&card.id, now_s).await?;
-                    stats.ended += 1;
-                    continue;
+                    to_mark.push(card.id);
+                    return;
                 }
                 rec.ended_at
             } else {
                 card.policy.valid_until.unix_timestamp()
             };
-            if ended + retention.whole_seconds() <= now_s && self.purge_card(&card.id, now).await? {
-                stats.cards_purged += 1;
+            if ended + retention.whole_seconds() <= now_s {
+                to_purge.push(card.id);
             }
+        })
+        .await?;
+        if let Some(e) = bad {
+            return Err(e);
         }
+        stats.ended = to_mark.len() as u64;
+        // (Owned ids: futures borrowing from the list would not be Send.)
+        stream::iter(to_mark)
+            .map(|id| async move { self.mark_ended(&id, now_s).await })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let purged = stream::iter(to_purge)
+            .map(|id| async move { self.purge_card(&id, now).await })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<bool>>()
+            .await?;
+        stats.cards_purged = purged.into_iter().filter(|p| *p).count() as u64;
 
         // Numbers whose quarantine is over.
         let mut tombstones = Vec::new();
@@ -102,23 +132,28 @@ impl Vault {
             }
         })
         .await?;
-        for key in tombstones {
-            let mut released = false;
-            self.store
-                .update(std::slice::from_ref(&key), &mut |v| {
-                    released = v[0]
-                        .as_deref()
-                        .and_then(tombstone_until)
-                        .is_some_and(|u| u <= now_s);
-                    if released {
-                        vec![Write::Delete(key.clone())]
-                    } else {
-                        vec![]
-                    }
-                })
-                .await?;
-            stats.numbers_released += u64::from(released);
-        }
+        let released = stream::iter(tombstones)
+            .map(|key| async move {
+                let mut released = false;
+                self.store
+                    .update(std::slice::from_ref(&key), &mut |v| {
+                        released = v[0]
+                            .as_deref()
+                            .and_then(tombstone_until)
+                            .is_some_and(|u| u <= now_s);
+                        if released {
+                            vec![Write::Delete(key.clone())]
+                        } else {
+                            vec![]
+                        }
+                    })
+                    .await
+                    .map(|()| released)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<bool>>()
+            .await?;
+        stats.numbers_released = released.into_iter().filter(|r| *r).count() as u64;
 
         // Transaction and reversal records past retention: retries come
         // within minutes, never a year later. Then the card events past it
@@ -141,19 +176,24 @@ impl Vault {
         // Idempotency keys of cards that are gone.
         let mut keys = Vec::new();
         self.scan_all(b"i/", |k, v| keys.push((k, v))).await?;
-        for (k, v) in keys {
-            let idem: IdempotencyRecord = decode("idempotency", &v)?;
-            let gone = match CardId::parse("card_id", &idem.card_id) {
-                Ok(id) => self.store.get(&card_key(&id)).await?.is_none(),
-                Err(_) => true,
-            };
-            if gone {
-                self.store
-                    .update(&[], &mut |_| vec![Write::Delete(k.clone())])
-                    .await?;
-                stats.idempotency_keys_purged += 1;
-            }
-        }
+        let gone = stream::iter(keys)
+            .map(|(k, v)| async move {
+                let idem: IdempotencyRecord = decode("idempotency", &v)?;
+                let gone = match CardId::parse("card_id", &idem.card_id) {
+                    Ok(id) => self.store.get(&card_key(&id)).await?.is_none(),
+                    Err(_) => true,
+                };
+                if gone {
+                    self.store
+                        .update(&[], &mut |_| vec![Write::Delete(k.clone())])
+                        .await?;
+                }
+                Ok::<bool, VaultError>(gone)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<bool>>()
+            .await?;
+        stats.idempotency_keys_purged = gone.into_iter().filter(|g| *g).count() as u64;
         if stats != PurgeStats::default() {
             tracing::info!(?stats, "retention pass");
         }
