@@ -128,7 +128,7 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(server.terminate().success());
+    server.terminate_cleanly();
     let acked = acked.lock().unwrap().clone();
     assert!(
         acked.len() > before_backup && before_backup > 20,
@@ -210,5 +210,5 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
         spent, in_copy,
         "each card's spent equals the approvals in the copy: the copy is consistent"
     );
-    assert!(server.terminate().success());
+    server.terminate_cleanly();
 }

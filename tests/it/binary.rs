@@ -83,6 +83,21 @@ impl Served {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         self.child.wait().unwrap()
     }
+
+    /// SIGTERM, and asserts a clean exit (showing the end of its log if not).
+    pub fn terminate_cleanly(self) {
+        let log = self.log.clone();
+        let status = self.terminate();
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "the server exited with {status} on SIGTERM:\n{}",
+                tail.join("\n")
+            );
+        }
+    }
 }
 
 impl Drop for Served {
