@@ -2,21 +2,39 @@
 //! with what outcome, on which card (card id and masked number only).
 //!
 //! How an entry is written without serialising the hot path:
-//! 1. The operation puts a *pending* entry under a fresh key (`a/`
+//! 1. An operation that writes (issue, authorise, reverse, a limit change,
+//!    pause, close, ...) puts a *pending* entry under a fresh key (`a/`
 //!    instance, time, counter) in the very same [`Store::update`] batch as
 //!    its own writes, so the entry is atomic and durable with the
 //!    operation: an operation whose entry cannot be written fails, and an
-//!    acknowledged operation always has its entry. Reads (Detokenize) and
-//!    refusals write their entry in an update of their own before replying.
-//!    No lock is shared between operations and no fsync is added (the
-//!    engine's group commit carries the entry).
-//! 2. One sealer per instance takes pending entries in key order, gives
+//!    acknowledged operation always has its entry. No lock is shared
+//!    between operations and no fsync is added (the engine's group commit
+//!    carries the entry).
+//! 2. An entry written on its own (a read such as Detokenize, a refusal,
+//!    an error, a key operation of the running server) has no batch to go
+//!    in. It is appended to the instance's *pending journal* instead (see
+//!    [`journal`]): an append-only file of JSON lines, mode 0600, where a
+//!    dedicated thread writes every entry queued since its last round with
+//!    one write and one `sync_data` and then wakes that round's callers.
+//!    The caller replies only once its entry is durable; when it cannot be
+//!    written (a full disk, an I/O error) the call fails, saying why. A
+//!    read costs one shared sync, and nothing in the store. (Offline
+//!    commands, which have no sealer running, still put theirs in the
+//!    store, as in 1.)
+//! 3. One sealer per instance takes pending entries (from the store in key
+//!    order and from the journal in file order, merged by time), gives
 //!    each the next sequence number and an HMAC-SHA256 over its content
 //!    and the previous entry's MAC (under `audit.key`, a key of its own),
-//!    appends them to the append-only JSON-lines file, syncs it, and then
-//!    removes them from the store together with the new head (last
-//!    sequence and MAC) in one update. A crash in between is recovered at
-//!    start: lines already in the file are not sealed twice.
+//!    appends them to the append-only JSON-lines file, syncs it, and then,
+//!    in one store update, removes the store's entries and records the new
+//!    head: last sequence and MAC, and how far the journal is sealed
+//!    (generation and offset). A crash in between is recovered at start:
+//!    lines already in the file are not sealed twice (their store entries
+//!    are removed, and the journal's mark moves past the last of its
+//!    entries found in the file). The journal rotates into numbered
+//!    generations; a generation is deleted once a durable head has moved
+//!    past it. A torn journal tail (a round a crash interrupted, never
+//!    acknowledged) is cut off at start, never sealed.
 //!
 //! `vcn audit verify` recomputes the chain and names the first entry that
 //! was edited, deleted, inserted or moved; the head kept in the vault
@@ -38,6 +56,10 @@ use zeroize::Zeroizing;
 
 use crate::vault::keyfile;
 use crate::vault::store::{Store, StoreError, Write};
+
+pub mod journal;
+
+pub use journal::{Journal, JournalConfig};
 
 pub const AUDIT_KEY_FILE: &str = "audit.key";
 const PENDING: &[u8] = b"a/";
@@ -148,15 +170,19 @@ pub enum AuditError {
     Key { path: PathBuf, reason: String },
     #[error("the audit log {path} ends at entry {file} but the vault recorded entry {head} as written: the log was truncated or replaced")]
     Truncated { path: PathBuf, file: u64, head: u64 },
+    #[error("audit journal {path}: {reason}")]
+    Journal { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Makes pending entries: what every operation puts in its batch.
+/// Makes pending entries: what every operation puts in its batch, and
+/// the entries written on their own (into the journal, when it has one).
 #[derive(Debug)]
 pub struct Recorder {
     prefix: Vec<u8>,
     counter: AtomicU64,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Recorder {
@@ -164,11 +190,29 @@ impl Recorder {
         Recorder {
             prefix: pending_prefix(instance),
             counter: AtomicU64::new(0),
+            journal: None,
         }
+    }
+
+    /// Entries written on their own go to `journal` from now on (the
+    /// running server's; without one they go to the store).
+    pub fn attach_journal(&mut self, journal: Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// The write of a pending entry, to go in an operation's batch.
     pub fn write(&self, actor: &Actor, event: &Event) -> Write {
+        let (key, entry) = self.entry(actor, event);
+        Write::Put(key, serde_json::to_vec(&entry).unwrap_or_default())
+    }
+
+    /// A new pending entry and its key in the store (its id is the key's
+    /// suffix: time, then a counter, so ids sort in time order).
+    fn entry(&self, actor: &Actor, event: &Event) -> (Vec<u8>, Entry) {
         let now = OffsetDateTime::now_utc();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(now.unix_timestamp_nanos()).unwrap_or(0);
@@ -190,7 +234,7 @@ impl Recorder {
             prev: String::new(),
             mac: String::new(),
         };
-        Write::Put(key, serde_json::to_vec(&entry).unwrap_or_default())
+        (key, entry)
     }
 
     /// Writes one entry on its own, durably (for reads and refusals).
@@ -199,9 +243,36 @@ impl Recorder {
         store: &dyn Store,
         actor: &Actor,
         event: &Event,
-    ) -> Result<(), StoreError> {
-        let w = self.write(actor, event);
-        store.update(&[], &mut |_| vec![w.clone()]).await
+    ) -> Result<(), AuditError> {
+        self.record_all(store, &[(actor, event)]).await
+    }
+
+    /// Writes entries on their own, durably, together: appended to the
+    /// journal in one round (group commit with every other writer), or,
+    /// without a journal, put in the store in one update.
+    pub async fn record_all(
+        &self,
+        store: &dyn Store,
+        entries: &[(&Actor, &Event)],
+    ) -> Result<(), AuditError> {
+        match &self.journal {
+            Some(journal) => {
+                let mut lines = Vec::with_capacity(entries.len() * 384);
+                for (actor, event) in entries {
+                    let (_, entry) = self.entry(actor, event);
+                    serde_json::to_writer(&mut lines, &entry).map_err(|e| AuditError::Journal {
+                        path: journal.config().dir.clone(),
+                        reason: format!("cannot encode an entry: {e}"),
+                    })?;
+                    lines.push(b'\n');
+                }
+                journal.append(lines).await
+            }
+            None => {
+                let writes: Vec<Write> = entries.iter().map(|(a, e)| self.write(a, e)).collect();
+                Ok(store.update(&[], &mut |_| writes.clone()).await?)
+            }
+        }
     }
 }
 
@@ -272,15 +343,38 @@ fn last_entry(path: &Path) -> Result<Option<Entry>, AuditError> {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The end of the chain, as the vault records it (`m/audit-head/<instance>`),
+/// and how far the instance's journal is sealed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Head {
     seq: u64,
     mac: String,
+    /// The journal is sealed up to here (absent in heads written before
+    /// the journal existed: nothing of it sealed).
+    #[serde(default)]
+    journal_generation: u64,
+    #[serde(default)]
+    journal_offset: u64,
 }
 
-/// The sealer's state: the end of the chain in the file, and pending keys
-/// already in the file whose removal from the store failed (removed with
-/// the next batch, never sealed twice).
+impl Head {
+    fn journal(&self) -> journal::Pos {
+        journal::Pos {
+            generation: self.journal_generation,
+            offset: self.journal_offset,
+        }
+    }
+
+    fn with_journal(mut self, pos: journal::Pos) -> Head {
+        self.journal_generation = pos.generation;
+        self.journal_offset = pos.offset;
+        self
+    }
+}
+
+/// The sealer's state: the end of the chain in the file (and how far the
+/// journal is sealed), and pending keys already in the file whose removal
+/// from the store failed (removed with the next batch, never sealed twice).
 #[derive(Debug, Default)]
 struct SealState {
     head: Head,
@@ -293,6 +387,8 @@ pub struct Sealer {
     key: hmac::Key,
     path: PathBuf,
     instance: String,
+    /// The instance's pending journal (the running server's).
+    journal: Option<Arc<Journal>>,
     /// The chain's end, and the single chainer's lock.
     head: tokio::sync::Mutex<SealState>,
     /// Serialises appends with the file handle.
@@ -308,12 +404,14 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// Opens the log of `instance` at `path`, checking it against the head
     /// the vault recorded (a truncated or replaced log is refused) and
-    /// finishing a seal a crash interrupted.
+    /// finishing a seal a crash interrupted. With `journal`, opens the
+    /// instance's pending journal too (see [`Sealer::journal`]).
     pub async fn open(
         store: Arc<dyn Store>,
         keys_dir: &Path,
         path: &Path,
         instance: &str,
+        journal: Option<JournalConfig>,
     ) -> Result<Sealer, AuditError> {
         let last = last_entry(path)?;
         let key = load_key(keys_dir, last.is_none())?;
@@ -322,57 +420,91 @@ impl Sealer {
             Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
             None => Head::default(),
         };
-        let file_head = last
+        let (file_seq, file_mac) = last
             .as_ref()
-            .map(|e| Head {
-                seq: e.seq,
-                mac: e.mac.clone(),
-            })
+            .map(|e| (e.seq, e.mac.clone()))
             .unwrap_or_default();
-        if file_head.seq < stored.seq
-            || (file_head.seq == stored.seq && file_head.mac != stored.mac)
-        {
+        if file_seq < stored.seq || (file_seq == stored.seq && file_mac != stored.mac) {
             return Err(AuditError::Truncated {
                 path: path.to_path_buf(),
-                file: file_head.seq,
+                file: file_seq,
                 head: stored.seq,
             });
         }
+        let journal = match journal {
+            Some(config) => Some(Arc::new(Journal::open(config, stored.journal())?)),
+            None => None,
+        };
         let sealer = Sealer {
             store,
             key,
             path: path.to_path_buf(),
             instance: instance.to_string(),
+            journal,
             head: tokio::sync::Mutex::new(SealState {
                 head: stored.clone(),
                 undeleted: Default::default(),
             }),
             file: Mutex::new(None),
         };
-        if file_head.seq > stored.seq {
-            // Sealed into the file, not yet removed from the store.
-            let ids: Vec<String> = read_entries(path)?
+        if file_seq > stored.seq {
+            // Sealed into the file, but the head was not updated (a crash,
+            // or a store refusing writes): remove those entries from the
+            // store, and move the journal's mark past those from it.
+            let sealed: std::collections::HashSet<String> = read_entries(path)?
                 .into_iter()
                 .filter(|e| e.seq > stored.seq)
                 .map(|e| e.id)
                 .collect();
             let prefix = pending_prefix(instance);
-            let mut writes: Vec<Write> = ids
+            let mut writes: Vec<Write> = sealed
                 .iter()
                 .filter_map(|id| hex::decode(id).ok())
                 .map(|suffix| Write::Delete([prefix.clone(), suffix].concat()))
                 .collect();
+            let mut mark = stored.journal();
+            if let Some(j) = &sealer.journal {
+                // The sealer takes the journal in order, so what it sealed
+                // ends with the last of its entries found in the file.
+                let mut pos = stored.journal();
+                loop {
+                    let (entries, end) = j.read(pos, BATCH)?;
+                    for (e, after) in &entries {
+                        if sealed.contains(&e.id) {
+                            mark = *after;
+                        }
+                    }
+                    if entries.is_empty() && end == pos {
+                        break;
+                    }
+                    pos = end;
+                }
+            }
+            let head = Head {
+                seq: file_seq,
+                mac: file_mac,
+                ..Head::default()
+            }
+            .with_journal(mark);
             writes.push(Write::Put(
                 hk.clone(),
-                serde_json::to_vec(&file_head).unwrap_or_default(),
+                serde_json::to_vec(&head).unwrap_or_default(),
             ));
             sealer
                 .store
                 .update(std::slice::from_ref(&hk), &mut |_| writes.clone())
                 .await?;
-            sealer.head.lock().await.head = file_head;
+            if let Some(j) = &sealer.journal {
+                j.remove_before(head.journal_generation);
+            }
+            sealer.head.lock().await.head = head;
         }
         Ok(sealer)
+    }
+
+    /// The pending journal, for the vault to write entries on their own to.
+    pub fn journal(&self) -> Option<Arc<Journal>> {
+        self.journal.clone()
     }
 
     fn append(&self, lines: &[u8]) -> Result<(), AuditError> {
@@ -400,51 +532,82 @@ impl Sealer {
         f.write_all(lines).and_then(|_| f.sync_data()).map_err(err)
     }
 
-    /// Seals up to one batch of pending entries; returns how many.
+    /// Seals up to one batch of pending entries (from the store and from
+    /// the journal); returns how many.
     pub async fn seal_once(&self) -> Result<usize, AuditError> {
         let mut state = self.head.lock().await;
         let prefix = pending_prefix(&self.instance);
-        let pending = self.store.scan(&prefix, None, BATCH).await?;
+        let mut pending = self.store.scan(&prefix, None, BATCH).await?;
+        let from = state.head.journal();
+        let (mut journaled, mut journal_end) = match &self.journal {
+            Some(j) => j.read(from, BATCH)?,
+            None => (Vec::new(), from),
+        };
+        // Merge the two in time order (ids begin with the time): when one
+        // source filled its batch, the other's entries after its last one
+        // wait for the next pass, as that source may have more before them.
+        let store_last = (pending.len() >= BATCH)
+            .then(|| pending.last().map(|(k, _)| hex::encode(&k[prefix.len()..])))
+            .flatten();
+        let journal_last = (journaled.len() >= BATCH)
+            .then(|| journaled.last().map(|(e, _)| e.id.clone()))
+            .flatten();
+        let cutoff = match (store_last, journal_last) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(cutoff) = &cutoff {
+            pending.retain(|(k, _)| hex::encode(&k[prefix.len()..]) <= *cutoff);
+            if let Some(n) = journaled.iter().position(|(e, _)| e.id > *cutoff) {
+                journal_end = match n {
+                    0 => from,
+                    n => journaled[n - 1].1,
+                };
+                journaled.truncate(n);
+            }
+        }
+        let mut batch: Vec<Entry> = Vec::with_capacity(pending.len() + journaled.len());
+        for (key, value) in &pending {
+            if state.undeleted.contains(key) {
+                continue;
+            }
+            match serde_json::from_slice::<Entry>(value) {
+                Ok(e) => batch.push(e),
+                Err(_) => {
+                    tracing::error!("an unreadable pending audit entry was sealed as such")
+                }
+            }
+        }
+        let count = pending.len() + journaled.len();
+        batch.extend(journaled.into_iter().map(|(e, _)| e));
+        batch.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(m) = crate::metrics::get() {
-            // Keys are in time order: the first is the oldest.
-            let oldest = pending
+            let oldest = batch
                 .first()
-                .and_then(|(_, v)| serde_json::from_slice::<Entry>(v).ok())
                 .and_then(|e| OffsetDateTime::parse(&e.time, &Rfc3339).ok());
             let lag = oldest.map_or(0.0, |t| {
                 (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
             });
             m.audit_lag_seconds.set(lag);
         }
-        if pending.is_empty() {
+        if pending.is_empty() && batch.is_empty() && journal_end == from {
             return Ok(0);
         }
         let mut lines = Vec::new();
-        let mut next = state.head.clone();
-        let mut sealed = 0u64;
-        for (key, value) in &pending {
-            if state.undeleted.contains(key) {
-                continue;
-            }
-            let Ok(mut e) = serde_json::from_slice::<Entry>(value) else {
-                tracing::error!("an unreadable pending audit entry was sealed as such");
-                continue;
-            };
+        let mut next = state.head.clone().with_journal(journal_end);
+        for mut e in batch {
             e.seq = next.seq + 1;
             e.prev = next.mac.clone();
             e.mac = e.mac(&self.key);
-            next = Head {
-                seq: e.seq,
-                mac: e.mac.clone(),
-            };
+            next.seq = e.seq;
+            next.mac = e.mac.clone();
             lines.extend(serde_json::to_vec(&e).unwrap_or_default());
             lines.push(b'\n');
-            sealed += 1;
         }
         if !lines.is_empty() {
             self.append(&lines)?;
             if let Some(m) = crate::metrics::get() {
-                m.audit_sealed.inc_by(sealed);
+                m.audit_sealed.inc_by(next.seq - state.head.seq);
             }
         }
         // The file is the chain now: whatever happens to the update below,
@@ -468,7 +631,11 @@ impl Sealer {
         for (k, _) in &pending {
             state.undeleted.remove(k);
         }
-        Ok(pending.len())
+        // The head past them is durable: sealed generations can go.
+        if let Some(j) = &self.journal {
+            j.remove_before(next.journal_generation);
+        }
+        Ok(count)
     }
 
     /// Seals until nothing is pending (at shutdown).
@@ -553,6 +720,7 @@ pub fn verify(path: &Path, key: &hmac::Key) -> Result<Verdict, AuditError> {
         prev = Head {
             seq: e.seq,
             mac: e.mac.clone(),
+            ..Head::default()
         };
         count += 1;
     }
@@ -581,4 +749,314 @@ pub fn export(
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::chaos::ChaosStore;
+    use crate::vault::sled_store::{SledOptions, SledStore};
+
+    /// A vault store (that can be made to fail), a keys directory, an
+    /// audit log and a journal directory.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        chaos: Arc<ChaosStore>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let sled = SledStore::open(
+                &dir.path().join("data"),
+                &SledOptions {
+                    cache_capacity: 8 * 1024 * 1024,
+                },
+            )
+            .unwrap();
+            Fixture {
+                chaos: ChaosStore::new(Arc::new(sled)),
+                dir,
+            }
+        }
+
+        fn log(&self) -> PathBuf {
+            self.dir.path().join("audit.log")
+        }
+
+        fn journal_config(&self, rotate_bytes: u64) -> JournalConfig {
+            JournalConfig {
+                rotate_bytes,
+                margin: 0,
+                ..JournalConfig::new(self.dir.path().join("data"), "audit-pending")
+            }
+        }
+
+        /// Opens the sealer (and its journal), and a recorder writing to
+        /// that journal.
+        async fn open(&self, rotate_bytes: u64) -> (Sealer, Recorder) {
+            let sealer = Sealer::open(
+                self.chaos.clone(),
+                &self.dir.path().join("keys"),
+                &self.log(),
+                "i1",
+                Some(self.journal_config(rotate_bytes)),
+            )
+            .await
+            .unwrap();
+            let mut recorder = Recorder::new("i1");
+            recorder.attach_journal(sealer.journal().unwrap());
+            (sealer, recorder)
+        }
+
+        /// Writes entry `n` on its own (to the journal).
+        async fn record(&self, recorder: &Recorder, n: usize) -> Result<(), AuditError> {
+            recorder
+                .record(self.chaos.as_ref(), &Actor::system("test"), &event(n))
+                .await
+        }
+
+        /// Writes entry `n` as an operation does, in a store batch.
+        async fn record_in_store(&self, recorder: &Recorder, n: usize) {
+            let w = recorder.write(&Actor::system("test"), &event(n));
+            self.chaos
+                .update(&[], &mut |_| vec![w.clone()])
+                .await
+                .unwrap();
+        }
+
+        /// The numbers of the sealed entries, in the log's order, after
+        /// checking the chain.
+        fn sealed(&self) -> Vec<usize> {
+            let entries = read_entries(&self.log()).unwrap_or_default();
+            if !entries.is_empty() {
+                let key = load_key(&self.dir.path().join("keys"), false).unwrap();
+                assert_eq!(
+                    verify(&self.log(), &key).unwrap(),
+                    Verdict::Intact(entries.len() as u64)
+                );
+            }
+            let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), entries.len(), "an entry was sealed twice");
+            entries
+                .iter()
+                .map(|e| e.detail.strip_prefix("n=").unwrap().parse().unwrap())
+                .collect()
+        }
+
+        fn generations(&self) -> Vec<u64> {
+            self.journal_config(0).generations().unwrap()
+        }
+    }
+
+    fn event(n: usize) -> Event {
+        Event::new("detokenize", "ok")
+            .pan("411111******1111".into())
+            .detail(format!("n={n}"))
+    }
+
+    #[tokio::test]
+    async fn journal_entries_are_sealed_in_order_with_a_valid_chain() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        // More than a batch, some of them in store batches in between.
+        for n in 0..600 {
+            if n % 7 == 3 {
+                f.record_in_store(&recorder, n).await;
+            } else {
+                f.record(&recorder, n).await.unwrap();
+            }
+            if n == 100 {
+                sealer.seal_all().await.unwrap();
+            }
+        }
+        // Concurrent callers share rounds, and each still waits for its own.
+        let recorder = Arc::new(recorder);
+        let tasks: Vec<_> = (600..700)
+            .map(|n| {
+                let (f_store, r) = (f.chaos.clone(), recorder.clone());
+                tokio::spawn(async move {
+                    r.record(f_store.as_ref(), &Actor::system("test"), &event(n))
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        sealer.seal_all().await.unwrap();
+        let sealed = f.sealed();
+        assert_eq!(&sealed[..600], (0..600).collect::<Vec<_>>());
+        let mut last: Vec<usize> = sealed[600..].to_vec();
+        last.sort_unstable();
+        assert_eq!(last, (600..700).collect::<Vec<_>>());
+        // Nothing is left pending, in the store or the journal.
+        assert!(f.chaos.scan(PENDING, None, 10).await.unwrap().is_empty());
+        assert_eq!(sealer.seal_once().await.unwrap(), 0);
+        // No card number in the journal, only the masked one.
+        for g in f.generations() {
+            let text = fs::read_to_string(f.journal_config(0).file(g)).unwrap();
+            assert!(!text.contains("4111111111111111"));
+        }
+        // The journal's files are the service's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let g = *f.generations().last().unwrap();
+        let mode = fs::metadata(f.journal_config(0).file(g))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_append_and_the_head_update_does_not_seal_twice() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        for n in 0..5 {
+            f.record_in_store(&recorder, n).await;
+        }
+        for n in 5..25 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        // The entries reach the file, the head update fails.
+        f.chaos.set_fail_updates(true);
+        assert!(sealer.seal_once().await.is_err());
+        assert_eq!(f.sealed(), (0..25).collect::<Vec<_>>());
+        // Still running: the next pass does not seal them again either.
+        for n in 25..28 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        assert!(sealer.seal_once().await.is_err());
+        assert_eq!(f.sealed(), (0..28).collect::<Vec<_>>());
+        // A crash: the sealer's memory is gone, the head in the vault is
+        // the one before all this.
+        drop((sealer, recorder));
+        f.chaos.set_fail_updates(false);
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), (0..28).collect::<Vec<_>>());
+        assert!(f.chaos.scan(PENDING, None, 10).await.unwrap().is_empty());
+        for n in 28..31 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        sealer.seal_all().await.unwrap();
+        drop((sealer, recorder));
+        // And once more from a clean stop.
+        let (sealer, _recorder) = f.open(DEFAULT_ROTATE).await;
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), (0..31).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_journal_line_is_cut_off_and_never_sealed() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        for n in 0..5 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        drop((sealer, recorder));
+        // A crash in the middle of the next round: half a line, and a
+        // block the filesystem had not written yet.
+        let g = *f.generations().last().unwrap();
+        let path = f.journal_config(0).file(g);
+        let good = fs::metadata(&path).unwrap().len();
+        let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"seq\":0,\"time\":\"2025-01-01T00:00:00Z\",\"id\":\"ab")
+            .unwrap();
+        file.write_all(&[0u8; 100]).unwrap();
+        drop(file);
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        assert_eq!(fs::metadata(&path).unwrap().len(), good, "cut at open");
+        for n in 5..8 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), (0..8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn rotation_deletes_sealed_generations_and_loses_nothing() {
+        let f = Fixture::new();
+        // Two or three entries a generation.
+        let (sealer, recorder) = f.open(600).await;
+        for n in 0..40 {
+            f.record(&recorder, n).await.unwrap();
+            if n % 10 == 9 {
+                assert!(f.generations().len() > 3, "{:?}", f.generations());
+                sealer.seal_all().await.unwrap();
+                // Only the generation being written is left.
+                assert_eq!(f.generations().len(), 1, "{:?}", f.generations());
+            }
+        }
+        for n in 40..50 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        // Sealed, but a crash comes before the sealed generations are
+        // deleted (kept here aside and put back).
+        let kept: Vec<(PathBuf, Vec<u8>)> = f
+            .generations()
+            .iter()
+            .map(|g| f.journal_config(0).file(*g))
+            .map(|p| (p.clone(), fs::read(&p).unwrap()))
+            .collect();
+        sealer.seal_all().await.unwrap();
+        drop((sealer, recorder));
+        for (p, bytes) in &kept {
+            fs::write(p, bytes).unwrap();
+        }
+        let (sealer, recorder) = f.open(600).await;
+        for (p, _) in &kept[..kept.len() - 1] {
+            assert!(!p.exists(), "{} not deleted at open", p.display());
+        }
+        for n in 50..55 {
+            f.record(&recorder, n).await.unwrap();
+        }
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), (0..55).collect::<Vec<_>>());
+        assert_eq!(f.generations().len(), 1, "{:?}", f.generations());
+    }
+
+    #[tokio::test]
+    async fn a_failed_journal_round_fails_its_callers_and_is_never_sealed() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        f.record(&recorder, 0).await.unwrap();
+        let journal = sealer.journal().unwrap();
+        journal.set_fail_writes(true);
+        let e = f.record(&recorder, 1).await.unwrap_err();
+        assert!(e.to_string().contains("audit journal"), "{e}");
+        journal.set_fail_writes(false);
+        f.record(&recorder, 2).await.unwrap();
+        sealer.seal_all().await.unwrap();
+        drop((sealer, recorder, journal));
+        // A full filesystem refuses the round, saying so.
+        let sealer = Sealer::open(
+            f.chaos.clone(),
+            &f.dir.path().join("keys"),
+            &f.log(),
+            "i1",
+            Some(JournalConfig {
+                margin: u64::MAX / 2,
+                ..f.journal_config(DEFAULT_ROTATE)
+            }),
+        )
+        .await
+        .unwrap();
+        let mut recorder = Recorder::new("i1");
+        recorder.attach_journal(sealer.journal().unwrap());
+        let e = f.record(&recorder, 3).await.unwrap_err();
+        assert!(e.to_string().contains("full"), "{e}");
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), vec![0, 2]);
+    }
+
+    #[test]
+    fn a_head_written_before_the_journal_still_parses() {
+        let head: Head = serde_json::from_str(r#"{"seq":7,"mac":"ab"}"#).unwrap();
+        assert_eq!((head.seq, head.journal()), (7, journal::Pos::default()));
+    }
+
+    const DEFAULT_ROTATE: u64 = journal::DEFAULT_ROTATE_BYTES;
 }
