@@ -213,6 +213,28 @@ pub async fn open_vault(
     Ok(vault)
 }
 
+/// Where the running server's audit entries written on their own wait to
+/// be sealed (see [`crate::audit::journal`]): with the embedded engine, in
+/// the data directory beside the vault, so a full data disk refuses them
+/// as it refuses the vault's writes, under the same margin; with
+/// PostgreSQL, beside this instance's audit log. (Offline commands write
+/// their entries to the store, for whichever server seals them.)
+pub fn audit_journal(config: &Config) -> crate::audit::JournalConfig {
+    match &config.store {
+        None => crate::audit::JournalConfig::new(&config.data_dir, "audit-pending"),
+        Some(_) => {
+            let log = config.audit_path();
+            let dir = log
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("audit");
+            crate::audit::JournalConfig::new(dir, format!("{stem}-pending"))
+        }
+    }
+}
+
 /// Opens the configured storage engine: sled in `data_dir`, or the
 /// PostgreSQL database of `store` (its schema brought up to date).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
@@ -394,14 +416,18 @@ impl Service {
             .iter()
             .map(|c| crate::webhooks::Hook::open(c, &config.keys_dir))
             .collect::<Result<Vec<_>, _>>()?;
-        let vault = open_vault(config, wrap).await?;
+        let mut vault = open_vault(config, wrap).await?;
         let audit = crate::audit::Sealer::open(
             vault.store(),
             &config.keys_dir,
             &config.audit_path(),
             &config.instance_name,
+            Some(audit_journal(config)),
         )
         .await?;
+        if let Some(journal) = audit.journal() {
+            vault.set_audit_journal(journal);
+        }
         let registry = Registry::open(&config.keys_dir)?;
         if registry.is_empty() {
             tracing::warn!(

@@ -296,6 +296,18 @@ impl Vault {
         self.store.clone()
     }
 
+    /// Sends the audit entries written on their own (reads, refusals, key
+    /// operations) to `journal` instead of the store (the running
+    /// server's; see [`crate::audit::journal`]).
+    pub fn set_audit_journal(&mut self, journal: Arc<crate::audit::Journal>) {
+        self.audit.attach_journal(journal);
+    }
+
+    /// The journal entries written on their own go to, if any.
+    pub fn audit_journal(&self) -> Option<Arc<crate::audit::Journal>> {
+        self.audit.journal().cloned()
+    }
+
     /// Writes one audit entry on its own, durably: for operations that
     /// write nothing else (reads, refusals, key operations).
     pub async fn record(&self, actor: &Actor, event: &Event) -> Result<(), VaultError> {
@@ -308,15 +320,12 @@ impl Vault {
             })
     }
 
-    /// Writes several audit entries in one durable update (the failed
-    /// authentications the interceptor hands over).
+    /// Writes several audit entries on their own, durably and together
+    /// (the failed authentications the interceptor hands over).
     pub async fn record_batch(&self, entries: &[(Actor, Event)]) -> Result<(), VaultError> {
-        let writes: Vec<Write> = entries
-            .iter()
-            .map(|(a, e)| self.audit.write(a, e))
-            .collect();
-        self.store
-            .update(&[], &mut |_| writes.clone())
+        let entries: Vec<(&Actor, &Event)> = entries.iter().map(|(a, e)| (a, e)).collect();
+        self.audit
+            .record_all(self.store.as_ref(), &entries)
             .await
             .map_err(|e| VaultError::Unavailable(format!("the audit log cannot be written: {e}")))
     }

@@ -302,21 +302,45 @@ async fn an_operation_whose_audit_entry_cannot_be_written_fails() {
     let (server, chaos) = TestServer::start_chaos(config_in).await;
     let (mut cards, mut switch) = server.clients().await;
     let card = issue(&mut cards, issue_req("alice", 500)).await;
-    chaos.set_fail_updates(true);
-    // A read on its own would succeed: its audit entry cannot be written,
-    // so the number is not returned.
+    // A read on its own would succeed: its audit entry (written on its
+    // own, to the instance's pending journal) cannot be written, so the
+    // number is not returned.
+    let journal = server
+        .vault
+        .audit_journal()
+        .expect("the server writes entries on their own to its journal");
+    journal.set_fail_writes(true);
     let r = switch
         .detokenize(pb::DetokenizeRequest {
             pan: card.pan.clone(),
         })
         .await;
-    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    let err = r.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("audit"), "{}", err.message());
+    journal.set_fail_writes(false);
+    // An operation's entry is in its own store batch: when the store
+    // cannot write, the operation fails with it.
+    chaos.set_fail_updates(true);
+    let err = cards.issue_card(issue_req("alice", 500)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
     chaos.set_fail_updates(false);
     switch
         .detokenize(pb::DetokenizeRequest { pan: card.pan })
         .await
         .unwrap();
-    server.stop().await;
+    drop((cards, switch, journal));
+    let (_dir, config) = server.stop().await;
+    // Only what was acknowledged is in the log: one detokenisation.
+    let entries = audit::read_entries(&config.audit_path()).unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "detokenize" && e.outcome == "ok")
+            .count(),
+        1,
+        "{entries:#?}"
+    );
 }
 
 #[tokio::test]
@@ -352,4 +376,61 @@ async fn a_failed_seal_neither_loses_nor_duplicates_entries() {
             .count(),
         21
     );
+}
+
+#[tokio::test]
+async fn entries_written_on_their_own_are_sealed_once_across_a_stop_with_the_head_behind() {
+    let (server, chaos) = TestServer::start_chaos(config_in).await;
+    let (mut cards, mut switch) = server.clients().await;
+    let card = issue(&mut cards, issue_req("alice", 500)).await;
+    for _ in 0..10 {
+        detokenize(&mut switch, &card.pan).await;
+    }
+    // The vault cannot record the head: the sealer goes on appending to
+    // the file, and the server stops with the head behind the file.
+    chaos.set_fail_updates(true);
+    for _ in 0..10 {
+        detokenize(&mut switch, &card.pan).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop((cards, switch));
+    let (dir, config) = server.stop().await;
+    drop(chaos); // it holds the store open
+    let sealed = audit::read_entries(&config.audit_path()).unwrap();
+    assert_eq!(
+        sealed.iter().filter(|e| e.action == "detokenize").count(),
+        20,
+        "sealed while the head could not be recorded"
+    );
+    // The next start finds them in the file, not only in the journal.
+    let server = TestServer::start_with(dir, config).await;
+    let sw = server.add_client("sw-after", Role::Switch, None);
+    let mut switch = server.switch_as(&sw).await;
+    for _ in 0..5 {
+        detokenize(&mut switch, &card.pan).await;
+    }
+    drop(switch);
+    let (_dir, config) = server.stop().await;
+    let path = config.audit_path();
+    let entries = audit::read_entries(&path).unwrap();
+    let key = audit::load_key(&config.keys_dir, false).unwrap();
+    assert_eq!(
+        audit::verify(&path, &key).unwrap(),
+        Verdict::Intact(entries.len() as u64)
+    );
+    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), entries.len(), "an entry was sealed twice");
+    assert_eq!(
+        entries.iter().filter(|e| e.action == "detokenize").count(),
+        25
+    );
+}
+
+async fn detokenize(switch: &mut Switch, pan: &str) {
+    switch
+        .detokenize(pb::DetokenizeRequest { pan: pan.into() })
+        .await
+        .unwrap();
 }

@@ -66,6 +66,9 @@ struct Model {
 struct Counters {
     ops: AtomicU64,
     checks: AtomicU64,
+    /// Detokenize calls sent, and those answered.
+    detokenize_sent: AtomicU64,
+    detokenized: AtomicU64,
 }
 
 pub async fn connect(
@@ -189,7 +192,20 @@ async fn worker(
                     }
                 }
             }
-            (70..=79, Some((i, _))) => {
+            (75..=79, Some((i, _))) => {
+                // A read whose audit entry must be durable before it is
+                // answered (the pending journal).
+                let pan = model.lock().unwrap().cards[i].pan.clone();
+                counters.detokenize_sent.fetch_add(1, Ordering::Relaxed);
+                match switch.detokenize(pb::DetokenizeRequest { pan }).await {
+                    Ok(r) => {
+                        assert_eq!(r.into_inner().funding_pan, "4111111111111111");
+                        counters.detokenized.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => return,
+                }
+            }
+            (70..=74, Some((i, _))) => {
                 // Retry an acknowledged approval: same answer, no new debit.
                 let card = model.lock().unwrap().cards[i].clone();
                 if let Some((txn, amount, auth_id)) = card.approvals.first().cloned() {
@@ -526,6 +542,33 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_never_overspen
     }
     assert!(server.terminate().success());
 
+    // The audit log came through the kills whole: its chain holds, no
+    // entry is in it twice, and every answered Detokenize is in it (those
+    // cut off by a kill may be too, nothing more).
+    let log = d.join("audit.log");
+    let key = vcn::audit::load_key(&d.join("keys"), false).unwrap();
+    let entries = vcn::audit::read_entries(&log).unwrap();
+    assert_eq!(
+        vcn::audit::verify(&log, &key).unwrap(),
+        vcn::audit::Verdict::Intact(entries.len() as u64)
+    );
+    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), entries.len(), "an audit entry was sealed twice");
+    let detokenized = entries
+        .iter()
+        .filter(|e| e.action == "detokenize" && e.outcome == "ok")
+        .count() as u64;
+    let (answered, sent) = (
+        counters.detokenized.load(Ordering::Relaxed),
+        counters.detokenize_sent.load(Ordering::Relaxed),
+    );
+    assert!(
+        answered >= 10 && (answered..=sent).contains(&detokenized),
+        "{detokenized} detokenisations audited, {answered} answered, {sent} sent"
+    );
+
     let m = model.lock().unwrap();
     let approvals: usize = m.cards.iter().map(|c| c.approvals.len()).sum();
     assert!(
@@ -534,7 +577,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_never_overspen
         m.cards.len()
     );
     let summary = format!(
-        "crash test (seed {seed}): {KILLS} kills, {} operations, {} cards, {approvals} approvals, {} invariant checks, {:.1} s\n",
+        "crash test (seed {seed}): {KILLS} kills, {} operations, {} cards, {approvals} approvals, {answered} detokenisations, {} invariant checks, {:.1} s\n",
         counters.ops.load(Ordering::Relaxed),
         m.cards.len(),
         counters.checks.load(Ordering::Relaxed),

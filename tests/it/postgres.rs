@@ -33,11 +33,19 @@ async fn two_instances(url: String) -> (TestServer, TestServer, Cards, Switch, S
     vcn::vault::keyfile::generate(&config.keys_dir).unwrap();
     let cards_key = vcn::clients::add(&config.keys_dir, "web", Role::Cards, None).unwrap();
     let switch_key = vcn::clients::add(&config.keys_dir, "sw", Role::Switch, None).unwrap();
+    // Each instance has its own name and audit log, as instances sharing a
+    // database must (each seals its own entries, and its pending journal
+    // sits beside its log: a second server on one log is refused).
+    let config_b = Config {
+        instance_name: "vcn-b".into(),
+        audit_log: Some(dir.path().join("audit-b.log")),
+        ..config.clone()
+    };
     // Both start at once on the empty database: migrations and the key
     // check value race, and must both come out right.
     let (a, b) = tokio::join!(
         TestServer::try_start_with(dir.clone(), config.clone()),
-        TestServer::try_start_with(dir.clone(), config.clone())
+        TestServer::try_start_with(dir.clone(), config_b)
     );
     let (a, b) = (a.expect("instance a starts"), b.expect("instance b starts"));
     let cards = a.cards_as(&cards_key).await;
