@@ -652,6 +652,15 @@ fn issue_request(owner: usize, cap: i64, uses: u32) -> pb::IssueCardRequest {
     }
 }
 
+/// An authorisation the run expected approved, declined: an error naming
+/// the response code.
+fn declined(r: &pb::AuthorizeResponse) -> Outcome {
+    Outcome::Error(format!(
+        "declined {} ({})",
+        r.response_code, r.decline_reason
+    ))
+}
+
 /// The outcome of one call.
 enum Outcome {
     Ok,
@@ -1035,11 +1044,7 @@ impl Run {
                                 t.approvals.fetch_add(1, Ordering::Relaxed);
                                 Outcome::Ok
                             }
-                            Ok(r) => Outcome::Error(format!(
-                                "declined {} ({})",
-                                r.get_ref().response_code,
-                                r.get_ref().decline_reason
-                            )),
+                            Ok(r) => declined(r.get_ref()),
                             Err(s) => Outcome::Error(status_text(&s)),
                         }
                     }
@@ -1071,11 +1076,7 @@ impl Run {
                             }
                             // The cap reached: the answer we want.
                             Ok(r) if r.get_ref().response_code == "51" => Outcome::Declined,
-                            Ok(r) => Outcome::Error(format!(
-                                "declined {} ({})",
-                                r.get_ref().response_code,
-                                r.get_ref().decline_reason
-                            )),
+                            Ok(r) => declined(r.get_ref()),
                             Err(s) => Outcome::Error(status_text(&s)),
                         }
                     }
@@ -1134,11 +1135,7 @@ impl Run {
                         issued.fetch_add(1, Ordering::Relaxed);
                         match s.authorize(card.authorize(txn)).await {
                             Ok(r) if r.get_ref().approved => Outcome::Ok,
-                            Ok(r) => Outcome::Error(format!(
-                                "declined {} ({})",
-                                r.get_ref().response_code,
-                                r.get_ref().decline_reason
-                            )),
+                            Ok(r) => declined(r.get_ref()),
                             Err(s) => Outcome::Error(status_text(&s)),
                         }
                     }

@@ -9,14 +9,19 @@ use vcn::clients::Role;
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
-    let server = TestServer::start().await;
-    let target = Target {
+/// The test server, with a cards and a switch client for the tool.
+fn target(server: &TestServer) -> Target {
+    Target {
         url: format!("http://{}", server.addr),
         cards_key: server.add_client("bench-cards", Role::Cards, None),
         switch_key: server.add_client("bench-switch", Role::Switch, None),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
+    let server = TestServer::start().await;
+    let target = target(&server);
     let opts = Options {
         concurrency: 16,
         connections: 2,
@@ -74,11 +79,7 @@ async fn repeated_rounds_of_the_lifecycle_never_replay_a_transaction_id() {
     // authorisations come back as duplicates (94) and the hot card's
     // approvals would be counted twice.
     let server = TestServer::start().await;
-    let target = Target {
-        url: format!("http://{}", server.addr),
-        cards_key: server.add_client("bench-cards", Role::Cards, None),
-        switch_key: server.add_client("bench-switch", Role::Switch, None),
-    };
+    let target = target(&server);
     let opts = Options {
         concurrency: 8,
         connections: 2,
