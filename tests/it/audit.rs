@@ -359,16 +359,7 @@ async fn a_failed_seal_neither_loses_nor_duplicates_entries() {
     drop(cards);
     let (_dir, config) = server.stop().await;
     let path = config.audit_path();
-    let key = audit::load_key(&config.keys_dir, false).unwrap();
-    let entries = audit::read_entries(&path).unwrap();
-    assert_eq!(
-        audit::verify(&path, &key).unwrap(),
-        Verdict::Intact(entries.len() as u64)
-    );
-    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), entries.len(), "an entry was sealed twice");
+    let entries = sealed_once(&path, &config.keys_dir);
     assert_eq!(
         entries
             .iter()
@@ -412,16 +403,7 @@ async fn entries_written_on_their_own_are_sealed_once_across_a_stop_with_the_hea
     drop(switch);
     let (_dir, config) = server.stop().await;
     let path = config.audit_path();
-    let entries = audit::read_entries(&path).unwrap();
-    let key = audit::load_key(&config.keys_dir, false).unwrap();
-    assert_eq!(
-        audit::verify(&path, &key).unwrap(),
-        Verdict::Intact(entries.len() as u64)
-    );
-    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), entries.len(), "an entry was sealed twice");
+    let entries = sealed_once(&path, &config.keys_dir);
     assert_eq!(
         entries.iter().filter(|e| e.action == "detokenize").count(),
         25
@@ -433,4 +415,20 @@ async fn detokenize(switch: &mut Switch, pan: &str) {
         .detokenize(pb::DetokenizeRequest { pan: pan.into() })
         .await
         .unwrap();
+}
+
+/// The entries of the audit log at `path`, asserting its chain holds under
+/// the key in `keys_dir` and that no entry is in it twice.
+pub fn sealed_once(path: &std::path::Path, keys_dir: &std::path::Path) -> Vec<Entry> {
+    let key = audit::load_key(keys_dir, false).unwrap();
+    let entries = audit::read_entries(path).unwrap();
+    assert_eq!(
+        audit::verify(path, &key).unwrap(),
+        Verdict::Intact(entries.len() as u64)
+    );
+    let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), entries.len(), "an audit entry was sealed twice");
+    entries
 }
