@@ -392,12 +392,9 @@ async fn deliver_owner(store: &dyn Store, hook: &Hook, owner: &str) -> Result<()
             .and_then(|b| be_u64(&b))
             .unwrap_or(0);
         // Events the retention pass deleted before this hook got them.
-        let floor = store
-            .get(&records::event_floor_key(&owner))
+        let floor = crate::vault::events::purged_floor(store, &owner)
             .await
-            .map_err(|e| e.to_string())?
-            .and_then(|b| be_u64(&b))
-            .unwrap_or(0);
+            .map_err(|e| e.to_string())?;
         if floor > sent {
             tracing::warn!(hook = %hook.name, owner = %owner, after = sent, floor, "events were deleted by retention before this hook received them: delivering from after them");
             sent = floor;

@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::domain::Owner;
 use crate::vault::records::{self, decode, EventRecord};
-use crate::vault::{Store, VaultError};
+use crate::vault::{Store, StoreError, VaultError};
 
 /// How often a watcher looks for events even without a notification
 /// (written by another process on the same PostgreSQL store).
@@ -103,6 +103,16 @@ impl Drop for Registered {
 
 /// Streams `owner`'s events with sequence numbers above `after` into `tx`
 /// until the receiver is dropped or the hub stops.
+/// The highest sequence number of `owner`'s events that the retention pass
+/// deleted (0: none): a reader behind it resumes after it.
+pub async fn purged_floor(store: &dyn Store, owner: &Owner) -> Result<u64, StoreError> {
+    Ok(store
+        .get(&records::event_floor_key(owner))
+        .await?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
 pub async fn watch(
     store: Arc<dyn Store>,
     hub: Arc<EventHub>,
@@ -132,15 +142,12 @@ pub async fn watch(
             return;
         }
         // Events the retention pass deleted are not a gap: resume after them.
-        match store.get(&records::event_floor_key(&owner)).await {
-            Ok(Some(b)) => {
-                let floor = <[u8; 8]>::try_from(b.as_slice()).map_or(0, u64::from_be_bytes);
-                if floor > last {
-                    tracing::info!(owner = %owner, after = last, floor, "events up to the floor were deleted by retention: resuming after it");
-                    last = floor;
-                }
+        match purged_floor(store.as_ref(), &owner).await {
+            Ok(floor) if floor > last => {
+                tracing::info!(owner = %owner, after = last, floor, "events up to the floor were deleted by retention: resuming after it");
+                last = floor;
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;

@@ -160,18 +160,30 @@ impl Vault {
         // (WatchEvents and webhooks resume from the oldest one kept).
         let past = |t: i64| t + retention.whole_seconds() <= now_s;
         stats.transactions_purged = self
-            .delete_where(b"t/", |v| {
-                decode::<TxnRecord>("transaction", v).is_ok_and(|t| past(t.decided_at))
-            })
+            .delete_where(
+                b"t/",
+                |v| decode::<TxnRecord>("transaction", v).is_ok_and(|t| past(t.decided_at)),
+                |_| vec![],
+            )
             .await?;
         stats.reversals_purged = self
-            .delete_where(b"r/", |v| {
-                // 0: written before reversals recorded their time; kept.
-                decode::<ReversalRecord>("reversal", v)
-                    .is_ok_and(|r| r.decided_at > 0 && past(r.decided_at))
-            })
+            .delete_where(
+                b"r/",
+                |v| {
+                    // 0: written before reversals recorded their time; kept.
+                    decode::<ReversalRecord>("reversal", v)
+                        .is_ok_and(|r| r.decided_at > 0 && past(r.decided_at))
+                },
+                |_| vec![],
+            )
             .await?;
-        stats.events_purged = self.purge_events(&past).await?;
+        stats.events_purged = self
+            .delete_where(
+                b"e/",
+                |v| decode::<EventRecord>("event", v).is_ok_and(|e| past(e.occurred_at)),
+                event_floors,
+            )
+            .await?;
 
         // Idempotency keys of cards that are gone.
         let mut keys = Vec::new();
@@ -201,13 +213,15 @@ impl Vault {
     }
 
     /// Deletes every entry under `prefix` whose value `old` picks, a page
-    /// at a time; returns how many. What `old` picks is by a time that
-    /// never changes, so no later write can make a picked entry young
-    /// again: deleting what the scan saw needs no re-check.
+    /// at a time, each page in one update with the writes `also` gives for
+    /// it; returns how many. What `old` picks is by a time that never
+    /// changes, so no later write can make a picked entry young again:
+    /// deleting what the scan saw needs no re-check.
     async fn delete_where(
         &self,
         prefix: &[u8],
         old: impl Fn(&[u8]) -> bool,
+        also: impl Fn(&[Vec<u8>]) -> Vec<Write>,
     ) -> Result<u64, VaultError> {
         let mut keys = Vec::new();
         self.scan_all(prefix, |k, v| {
@@ -217,36 +231,8 @@ impl Vault {
         })
         .await?;
         for chunk in keys.chunks(PAGE) {
-            let writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
-            self.store.update(&[], &mut |_| writes.clone()).await?;
-        }
-        Ok(keys.len() as u64)
-    }
-
-    /// Deletes the events `past` retention, and records for each owner the
-    /// highest sequence number deleted (its floor), in the same update.
-    async fn purge_events(&self, past: &impl Fn(i64) -> bool) -> Result<u64, VaultError> {
-        let mut keys = Vec::new();
-        self.scan_all(b"e/", |k, v| {
-            if decode::<EventRecord>("event", &v).is_ok_and(|e| past(e.occurred_at)) {
-                keys.push(k);
-            }
-        })
-        .await?;
-        for chunk in keys.chunks(PAGE) {
-            // Keys are in owner, then sequence order: the last one of an
-            // owner in a chunk is its highest, and later chunks only raise it.
-            let mut floors: Vec<(&[u8], u64)> = Vec::new();
-            for (owner, seq) in chunk.iter().filter_map(|k| event_owner_seq(k)) {
-                match floors.last_mut() {
-                    Some((o, s)) if *o == owner => *s = seq,
-                    _ => floors.push((owner, seq)),
-                }
-            }
             let mut writes: Vec<Write> = chunk.iter().cloned().map(Write::Delete).collect();
-            writes.extend(floors.iter().map(|(owner, seq)| {
-                Write::Put([b"x/", *owner].concat(), seq.to_be_bytes().to_vec())
-            }));
+            writes.extend(also(chunk));
             self.store.update(&[], &mut |_| writes.clone()).await?;
         }
         Ok(keys.len() as u64)
@@ -324,4 +310,22 @@ impl Vault {
 
 fn card_state(s: CardState) -> &'static str {
     s.as_str()
+}
+
+/// For a page of deleted event keys, each owner's floor: the highest
+/// sequence number deleted. Keys are in owner, then sequence order, so the
+/// last one of an owner in a page is its highest, and later pages only
+/// raise it.
+fn event_floors(keys: &[Vec<u8>]) -> Vec<Write> {
+    let mut floors: Vec<(&[u8], u64)> = Vec::new();
+    for (owner, seq) in keys.iter().filter_map(|k| event_owner_seq(k)) {
+        match floors.last_mut() {
+            Some((o, s)) if *o == owner => *s = seq,
+            _ => floors.push((owner, seq)),
+        }
+    }
+    floors
+        .into_iter()
+        .map(|(owner, seq)| Write::Put([b"x/", owner].concat(), seq.to_be_bytes().to_vec()))
+        .collect()
 }
