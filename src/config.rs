@@ -66,6 +66,11 @@ pub struct Config {
     pub compressed_retention: Option<std::time::Duration>,
     /// sled's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
+    /// While writes arrive together, how long (in microseconds) the
+    /// embedded store lets a commit round gather more before making it
+    /// durable: fewer, fuller rounds cost less CPU per write, at up to this
+    /// much added latency. A lone write never waits. 0: no wait.
+    pub commit_delay_us: u64,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
     /// Longest a call may take, in milliseconds (DEADLINE_EXCEEDED past it;
@@ -204,6 +209,7 @@ impl Default for Config {
             purge_every_minutes: 60,
             compressed_retention: None,
             cache_capacity_mib: 256,
+            commit_delay_us: crate::vault::sled_store::DEFAULT_COMMIT_DELAY.as_micros() as u64,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_concurrent_per_connection: 256,
@@ -323,6 +329,11 @@ impl Config {
                 "retention_days must be at least 1 and quarantine_days at least 0".into(),
             ));
         }
+        if self.commit_delay_us > MAX_COMMIT_DELAY_US {
+            return Err(ConfigError::Invalid(format!(
+                "commit_delay_us must be at most {MAX_COMMIT_DELAY_US} (it adds up to that much to every write under load)"
+            )));
+        }
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
@@ -411,9 +422,13 @@ impl Config {
     pub fn sled(&self) -> SledOptions {
         SledOptions {
             cache_capacity: self.cache_capacity_mib * 1024 * 1024,
+            commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
         }
     }
 }
+
+/// Longest commit delay accepted: 100 ms.
+const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
 fn seconds(d: std::time::Duration) -> time::Duration {
     time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -439,6 +454,18 @@ mod tests {
             (8, "9", 6000)
         );
         assert_eq!(c.max_failed_verifications, 3);
+    }
+
+    #[test]
+    fn the_commit_delay_reaches_the_store_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(&path, "commit_delay_us = 250\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.sled().commit_delay, std::time::Duration::from_micros(250));
+        std::fs::write(&path, "commit_delay_us = 100001\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("commit_delay_us must be at most 100000"), "{e}");
     }
 
     #[test]

@@ -771,6 +771,7 @@ mod tests {
                 &dir.path().join("data"),
                 &SledOptions {
                     cache_capacity: 8 * 1024 * 1024,
+                    ..SledOptions::default()
                 },
             )
             .unwrap();
