@@ -67,9 +67,10 @@ pub struct Config {
     /// sled's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
     /// While writes arrive together, how long (in microseconds) the
-    /// embedded store lets a commit round gather more before making it
-    /// durable: fewer, fuller rounds cost less CPU per write, at up to this
-    /// much added latency. A lone write never waits. 0: no wait.
+    /// embedded store and the audit journal let a commit round gather more
+    /// before making it durable: fewer, fuller rounds cost less CPU per
+    /// write, at up to this much added latency. A lone write never waits.
+    /// 0: no wait.
     pub commit_delay_us: u64,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
@@ -209,7 +210,7 @@ impl Default for Config {
             purge_every_minutes: 60,
             compressed_retention: None,
             cache_capacity_mib: 256,
-            commit_delay_us: crate::vault::sled_store::DEFAULT_COMMIT_DELAY.as_micros() as u64,
+            commit_delay_us: crate::vault::gather::DEFAULT_COMMIT_DELAY.as_micros() as u64,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_concurrent_per_connection: 256,

@@ -220,7 +220,7 @@ pub async fn open_vault(
 /// PostgreSQL, beside this instance's audit log. (Offline commands write
 /// their entries to the store, for whichever server seals them.)
 pub fn audit_journal(config: &Config) -> crate::audit::JournalConfig {
-    match &config.store {
+    let journal = match &config.store {
         None => crate::audit::JournalConfig::new(&config.data_dir, "audit-pending"),
         Some(_) => {
             let log = config.audit_path();
@@ -232,6 +232,10 @@ pub fn audit_journal(config: &Config) -> crate::audit::JournalConfig {
             let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("audit");
             crate::audit::JournalConfig::new(dir, format!("{stem}-pending"))
         }
+    };
+    crate::audit::JournalConfig {
+        commit_delay: config.sled().commit_delay,
+        ..journal
     }
 }
 

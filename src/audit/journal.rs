@@ -41,7 +41,7 @@ use std::fs;
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -49,6 +49,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{AuditError, Entry};
+use crate::vault::gather::Gather;
 
 /// A generation is closed and the next one started past this size.
 pub const DEFAULT_ROTATE_BYTES: u64 = 1024 * 1024;
@@ -65,6 +66,9 @@ pub struct JournalConfig {
     pub rotate_bytes: u64,
     /// Free space the filesystem must keep for a round to be written.
     pub margin: u64,
+    /// How long a round may gather appends while they arrive together
+    /// (the vault's rule: [`crate::vault::gather`]).
+    pub commit_delay: Duration,
 }
 
 impl JournalConfig {
@@ -76,6 +80,7 @@ impl JournalConfig {
             prefix: prefix.into(),
             rotate_bytes: DEFAULT_ROTATE_BYTES,
             margin: crate::vault::sled_store::WRITE_MARGIN,
+            commit_delay: crate::vault::gather::DEFAULT_COMMIT_DELAY,
         }
     }
 
@@ -146,6 +151,8 @@ type Outcome = Option<Result<(), Failure>>;
 struct Queue {
     /// The round being collected.
     buf: Vec<u8>,
+    /// Appends in it.
+    appends: u64,
     done: watch::Sender<Outcome>,
     /// The writer is asleep waiting for lines.
     idle: bool,
@@ -161,6 +168,9 @@ struct Shared {
     generations: Mutex<BTreeMap<u64, Generation>>,
     /// Fault injection: every round fails.
     fail_writes: AtomicBool,
+    /// Rounds written, and how many of them gathered for the commit delay.
+    rounds: AtomicU64,
+    gathered: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -254,6 +264,7 @@ impl Journal {
             _lock: lock_file,
             queue: Mutex::new(Queue {
                 buf: Vec::new(),
+                appends: 0,
                 done: watch::channel(None).0,
                 idle: false,
                 stop: false,
@@ -261,6 +272,8 @@ impl Journal {
             wake: Condvar::new(),
             generations: Mutex::new(generations),
             fail_writes: AtomicBool::new(false),
+            rounds: AtomicU64::new(0),
+            gathered: AtomicU64::new(0),
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -294,6 +307,7 @@ impl Journal {
             } else {
                 q.buf.extend_from_slice(&lines);
             }
+            q.appends += 1;
             let rx = q.done.subscribe();
             let wake = q.idle;
             drop(q);
@@ -323,6 +337,15 @@ impl Journal {
     /// Fault injection (tests, drills): while set, every round fails.
     pub fn set_fail_writes(&self, fail: bool) {
         self.shared.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Rounds written so far, and how many of them gathered for the
+    /// commit delay first.
+    pub fn rounds(&self) -> (u64, u64) {
+        (
+            self.shared.rounds.load(Ordering::Relaxed),
+            self.shared.gathered.load(Ordering::Relaxed),
+        )
     }
 
     pub fn config(&self) -> &JournalConfig {
@@ -584,6 +607,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        let mut gather = Gather::new(self.shared.config.commit_delay);
         loop {
             let (buf, done) = {
                 let mut q = lock(&self.shared.queue);
@@ -592,6 +616,15 @@ impl Writer {
                     q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
                 q.idle = false;
+                if let Some(wait) = gather.wait_before_taking(q.appends).filter(|_| !q.stop) {
+                    // Appends keep queueing meanwhile without waking us.
+                    drop(q);
+                    std::thread::sleep(wait);
+                    q = lock(&self.shared.queue);
+                    self.shared.gathered.fetch_add(1, Ordering::Relaxed);
+                }
+                self.shared.rounds.fetch_add(1, Ordering::Relaxed);
+                gather.taken(std::mem::take(&mut q.appends));
                 if q.buf.is_empty() {
                     // Stopping, and nothing left to write: the unused
                     // preallocated rest goes.

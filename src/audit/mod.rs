@@ -911,6 +911,42 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    /// The journal gathers its rounds as the vault's committer does: a
+    /// lone writer never waits, writers arriving together share rounds
+    /// that waited for the commit delay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn journal_rounds_gather_only_while_writers_arrive_together() {
+        let f = Fixture::new();
+        let config = JournalConfig {
+            commit_delay: std::time::Duration::from_millis(50),
+            ..f.journal_config(DEFAULT_ROTATE)
+        };
+        let journal = Arc::new(Journal::open(config, journal::Pos::default()).unwrap());
+        for n in 0..5 {
+            let line = format!("{}\n", serde_json::to_string(&n).unwrap());
+            journal.append(line.into_bytes()).await.unwrap();
+        }
+        assert_eq!(journal.rounds(), (5, 0));
+        let tasks: Vec<_> = (0..64)
+            .map(|n| {
+                let j = journal.clone();
+                tokio::spawn(async move {
+                    for k in 0..3 {
+                        j.append(format!("{}\n", n * 10 + k).into_bytes())
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (rounds, gathered) = journal.rounds();
+        assert!(gathered > 0, "{rounds} rounds, none gathered");
+        assert!(rounds - 5 <= 192 / 4, "{rounds} rounds for 192 appends");
+    }
+
     #[tokio::test]
     async fn a_crash_between_the_append_and_the_head_update_does_not_seal_twice() {
         let f = Fixture::new();

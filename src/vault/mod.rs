@@ -6,6 +6,7 @@
 pub mod chaos;
 pub mod crypto;
 pub mod events;
+pub mod gather;
 pub mod keyfile;
 pub mod postgres_store;
 pub mod purge;

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::vault::gather::{Gather, DEFAULT_COMMIT_DELAY};
 use crate::vault::store::{Decide, ExportSink, Store, StoreError, Write};
 
 const STRIPES: usize = 4096;
@@ -152,12 +153,10 @@ fn checkpoint(db: &sled::Db, dir: &Path, epoch: &mut u64) -> Result<(), String> 
 pub struct SledOptions {
     /// sled's page cache, in bytes: what bounds the process's memory.
     pub cache_capacity: u64,
-    /// How long the committer lets a round gather writes before taking it,
-    /// while the store is busy (its previous round came from more than one
-    /// update). Every round costs a flush (a write and a sync of sled's
-    /// log, on sled's I/O threads) and a wake-up of its writers, whatever
-    /// its size: fewer, fuller rounds cost less CPU per write. A lone
-    /// writer never waits. Zero: take each round at once.
+    /// How long the committer lets a round gather writes before taking it
+    /// while the store is busy ([`Gather`]): a round's flush (a write and
+    /// a sync of sled's log, on sled's I/O threads) costs the same however
+    /// many updates it holds. Zero: take each round at once.
     pub commit_delay: Duration,
 }
 
@@ -169,12 +168,6 @@ impl Default for SledOptions {
         }
     }
 }
-
-/// See [`SledOptions::commit_delay`]; the figures that chose it are in
-/// BENCHMARKS.md ("Fewer, fuller commit rounds").
-pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_micros(500);
-/// A round this full is taken at once, busy or not.
-const GATHER_ENOUGH: u64 = 256;
 
 /// A round's outcome, once the committer has it: None while pending.
 type Outcome = Option<Result<(), StoreError>>;
@@ -658,9 +651,7 @@ fn commit_loop(
     delay: Duration,
 ) {
     let mut last_checkpoint = Instant::now();
-    // Updates in the previous round: more than one means writers are
-    // arriving together, and the next round is worth letting fill.
-    let mut previous_updates = 0;
+    let mut gather = Gather::new(delay);
     loop {
         let (round, writes, updates, done) = {
             let mut p = commit.pending();
@@ -672,11 +663,11 @@ fn commit_loop(
             if p.writes.is_empty() {
                 return; // stopping, and nothing left to write
             }
-            if previous_updates > 1 && p.updates < GATHER_ENOUGH && !p.stop && !delay.is_zero() {
+            if let Some(wait) = gather.wait_before_taking(p.updates).filter(|_| !p.stop) {
                 // Writers keep queueing meanwhile (the lock is released;
                 // `idle` is false, so they do not wake us).
                 drop(p);
-                std::thread::sleep(delay);
+                std::thread::sleep(wait);
                 p = commit.pending();
                 commit
                     .stats
@@ -689,7 +680,7 @@ fn commit_loop(
             let done = std::mem::replace(&mut p.done, watch::channel(None).0);
             p.taken = Some(done.subscribe());
             let updates = std::mem::take(&mut p.updates);
-            previous_updates = updates;
+            gather.taken(updates);
             (round, std::mem::take(&mut p.writes), updates, done)
         };
         if let Some(refusal) = shared.short_of_space() {
