@@ -1485,15 +1485,34 @@ pub struct LocalServer {
     _temp: Option<tempfile::TempDir>,
 }
 
+/// How an in-process server is set up, where it differs from the defaults.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// sled's cache, in MiB.
+    pub cache_mib: u64,
+    /// A compressed retention (see
+    /// [`crate::config::Config::compressed_retention`]).
+    pub retention: Option<Duration>,
+    /// The commit delay (`commit_delay_us`), to measure its trade-off.
+    pub commit_delay_us: u64,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        let config = crate::config::Config::default();
+        LocalOptions {
+            cache_mib: config.cache_capacity_mib,
+            retention: None,
+            commit_delay_us: config.commit_delay_us,
+        }
+    }
+}
+
 impl LocalServer {
     /// Starts a server over `dir` (a new temporary directory when None),
-    /// with sled's cache of `cache_mib` and, when given, a compressed
-    /// `retention` (see [`crate::config::Config::compressed_retention`]).
-    pub fn start(
-        dir: Option<&Path>,
-        cache_mib: u64,
-        retention: Option<Duration>,
-    ) -> Result<LocalServer, BenchError> {
+    /// set up as `options` says.
+    pub fn start(dir: Option<&Path>, options: &LocalOptions) -> Result<LocalServer, BenchError> {
+        let cache_mib = options.cache_mib;
         let start_err = |e: String| BenchError::Start(e);
         let temp = match dir {
             Some(_) => None,
@@ -1514,7 +1533,8 @@ impl LocalServer {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
             cache_capacity_mib: cache_mib,
-            compressed_retention: retention,
+            compressed_retention: options.retention,
+            commit_delay_us: options.commit_delay_us,
             ..crate::config::Config::default()
         };
         let tag = format!("{:08x}", next_random(&mut seed()) as u32);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::bench::{self, LocalServer, Op, Options, Target, Watched};
+use crate::bench::{self, LocalOptions, LocalServer, Op, Options, Target, Watched};
 use crate::cli::{fail, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 #[derive(Args, Debug)]
@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// the vault then stops growing (a soak's steady state).
     #[arg(long, value_parser = parse_duration, conflicts_with = "server")]
     retention: Option<Duration>,
+    /// In-process server only: how long a commit round may gather writes
+    /// under load, in microseconds (the `commit_delay_us` setting), to
+    /// measure its trade-off on this machine [default: the setting's]
+    #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    commit_delay_us: Option<u64>,
     /// With --server on this machine: the server's process id, to report
     /// its CPU time per call and its memory each round [default with an
     /// in-process server: that server].
@@ -139,7 +144,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
             }
         }
         None => {
-            match LocalServer::start(args.data_dir.as_deref(), args.cache_mib, args.retention) {
+            let defaults = LocalOptions::default();
+            let options = LocalOptions {
+                cache_mib: args.cache_mib,
+                retention: args.retention,
+                commit_delay_us: args.commit_delay_us.unwrap_or(defaults.commit_delay_us),
+            };
+            match LocalServer::start(args.data_dir.as_deref(), &options) {
                 Ok(s) => {
                     if !args.quiet {
                         eprintln!(
