@@ -248,9 +248,33 @@ enum ClientCommand {
     },
 }
 
+/// The log filter for `RUST_LOG` (info when unset or unreadable), with
+/// sled's own records held at info unless `RUST_LOG` names sled.
+///
+/// Why: sled 0.34 logs at debug and trace from closures that
+/// crossbeam-epoch runs later, possibly on a thread whose thread-locals
+/// are being destroyed as it exits (the committer at shutdown, a blocking
+/// thread retiring). tracing's formatter then cannot reach its
+/// thread-local buffer and panics there, and a panic in a thread-local's
+/// destructor aborts the process: `RUST_LOG=trace` made `vcn serve` die
+/// with SIGABRT on SIGTERM. A record the filter disables never reaches the
+/// formatter.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let filter = rust_log
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    if rust_log.is_some_and(|s| s.contains("sled")) {
+        return filter;
+    }
+    match "sled=info".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    }
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -697,5 +721,46 @@ fn client_command(command: ClientCommand) -> ExitCode {
             }
             Err(e) => fail(EXIT_USAGE, e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Whether `filter` lets an event of `target` at `level` through.
+    fn passes(filter: tracing_subscriber::EnvFilter, target: &str, level: Level) -> bool {
+        let subscriber = tracing_subscriber::registry().with(filter);
+        tracing::subscriber::with_default(subscriber, || match (target, level) {
+            ("sled::pagecache", Level::TRACE) => {
+                tracing::enabled!(target: "sled::pagecache", Level::TRACE)
+            }
+            ("sled::pagecache", Level::INFO) => {
+                tracing::enabled!(target: "sled::pagecache", Level::INFO)
+            }
+            ("vcn::server", Level::TRACE) => tracing::enabled!(target: "vcn::server", Level::TRACE),
+            ("vcn::server", Level::DEBUG) => tracing::enabled!(target: "vcn::server", Level::DEBUG),
+            ("vcn::server", Level::INFO) => tracing::enabled!(target: "vcn::server", Level::INFO),
+            other => panic!("no case for {other:?}"),
+        })
+    }
+
+    #[test]
+    fn sled_records_stay_at_info_unless_rust_log_names_sled() {
+        let trace = || log_filter(Some("trace"));
+        assert!(passes(trace(), "vcn::server", Level::TRACE));
+        assert!(!passes(trace(), "sled::pagecache", Level::TRACE));
+        assert!(passes(trace(), "sled::pagecache", Level::INFO));
+        assert!(passes(
+            log_filter(Some("sled=trace")),
+            "sled::pagecache",
+            Level::TRACE
+        ));
+        // Unset or unreadable: info.
+        assert!(passes(log_filter(None), "vcn::server", Level::INFO));
+        assert!(!passes(log_filter(None), "vcn::server", Level::DEBUG));
+        assert!(!passes(log_filter(Some("=[")), "vcn::server", Level::DEBUG));
     }
 }
