@@ -623,8 +623,6 @@ impl Writer {
                     q = lock(&self.shared.queue);
                     self.shared.gathered.fetch_add(1, Ordering::Relaxed);
                 }
-                self.shared.rounds.fetch_add(1, Ordering::Relaxed);
-                gather.taken(std::mem::take(&mut q.appends));
                 if q.buf.is_empty() {
                     // Stopping, and nothing left to write: the unused
                     // preallocated rest goes.
@@ -633,6 +631,8 @@ impl Writer {
                     }
                     return;
                 }
+                self.shared.rounds.fetch_add(1, Ordering::Relaxed);
+                gather.taken(std::mem::take(&mut q.appends));
                 (
                     std::mem::take(&mut q.buf),
                     std::mem::replace(&mut q.done, watch::channel(None).0),
