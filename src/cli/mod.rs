@@ -273,15 +273,29 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to standard error, as `format` says, through a dedicated writer
+/// thread: a call's log lines are formatted on its own thread but written
+/// by that one, so no tokio worker waits in a `write` to stderr (a pipe
+/// to journald or a file: one syscall per line) or on the lock around it.
+/// The writer never drops a line: when its queue is full, loggers wait.
+/// Colours only on a terminal.
+/// Hold the returned guard until the end: dropping it writes what is left.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("vcn-log")
+        .finish(std::io::stderr());
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -305,7 +319,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(cfg.log_format);
+            let _log = init_logging(cfg.log_format);
             if let Some(l) = listen {
                 cfg.listen = l;
             }
@@ -333,7 +347,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(cfg.log_format);
+            let _log = init_logging(cfg.log_format);
             let Some(url) = cfg.store.clone() else {
                 return fail(
                     EXIT_USAGE,
@@ -529,7 +543,7 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(cfg.log_format);
+    let _log = init_logging(cfg.log_format);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

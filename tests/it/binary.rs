@@ -254,6 +254,10 @@ fn cli_drives_a_real_server_and_no_secret_reaches_its_logs() {
         "the log was captured at TRACE"
     );
     assert!(
+        !log.contains('\x1b'),
+        "no colour codes in a log written to a file"
+    );
+    assert!(
         log.contains(&format!("{}******{}", &pan[..6], &pan[12..])),
         "masked numbers are logged"
     );
