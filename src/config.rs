@@ -429,7 +429,7 @@ impl Config {
 }
 
 /// Longest commit delay accepted: 100 ms.
-const MAX_COMMIT_DELAY_US: u64 = 100_000;
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
 fn seconds(d: std::time::Duration) -> time::Duration {
     time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

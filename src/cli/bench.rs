@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// In-process server only: how long a commit round may gather writes
     /// under load, in microseconds (the `commit_delay_us` setting), to
     /// measure its trade-off on this machine [default: the setting's]
-    #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u64).range(0..=crate::config::MAX_COMMIT_DELAY_US))]
     commit_delay_us: Option<u64>,
     /// With --server on this machine: the server's process id, to report
     /// its CPU time per call and its memory each round [default with an
