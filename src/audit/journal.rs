@@ -616,7 +616,7 @@ impl Writer {
                     q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
                 q.idle = false;
-                if let Some(wait) = gather.wait_before_taking(q.appends).filter(|_| !q.stop) {
+                if let Some(wait) = gather.wait_before_taking(q.appends, q.stop) {
                     // Appends keep queueing meanwhile without waking us.
                     drop(q);
                     std::thread::sleep(wait);

@@ -5,7 +5,8 @@
 //! size, so fewer, fuller rounds cost less CPU per write. While writers
 //! arrive together (the previous round came from more than one), the next
 //! round is left to fill for the commit delay before it is taken; a writer
-//! alone is never held back, and a round already full is taken at once.
+//! alone is never held back, nor a round already full, nor the last round
+//! of a committer that is stopping.
 
 use std::time::Duration;
 
@@ -32,9 +33,10 @@ impl Gather {
     }
 
     /// How long to let the round being collected, with `queued` writers so
-    /// far, gather before taking it.
-    pub fn wait_before_taking(&self, queued: u64) -> Option<Duration> {
-        (self.previous > 1 && queued < GATHER_ENOUGH && !self.delay.is_zero()).then_some(self.delay)
+    /// far, gather before taking it (never while `stopping`).
+    pub fn wait_before_taking(&self, queued: u64, stopping: bool) -> Option<Duration> {
+        (self.previous > 1 && queued < GATHER_ENOUGH && !stopping && !self.delay.is_zero())
+            .then_some(self.delay)
     }
 
     /// A round of `writers` was taken.
@@ -51,17 +53,22 @@ mod tests {
     fn only_a_busy_committer_waits_and_never_with_a_full_round() {
         let d = Duration::from_micros(500);
         let mut g = Gather::new(d);
-        assert_eq!(g.wait_before_taking(1), None, "the first round");
+        assert_eq!(g.wait_before_taking(1, false), None, "the first round");
         g.taken(1);
-        assert_eq!(g.wait_before_taking(1), None, "after a lone writer");
+        assert_eq!(g.wait_before_taking(1, false), None, "after a lone writer");
         g.taken(2);
-        assert_eq!(g.wait_before_taking(1), Some(d));
-        assert_eq!(g.wait_before_taking(GATHER_ENOUGH - 1), Some(d));
-        assert_eq!(g.wait_before_taking(GATHER_ENOUGH), None, "already full");
+        assert_eq!(g.wait_before_taking(1, false), Some(d));
+        assert_eq!(g.wait_before_taking(GATHER_ENOUGH - 1, false), Some(d));
+        assert_eq!(
+            g.wait_before_taking(GATHER_ENOUGH, false),
+            None,
+            "already full"
+        );
+        assert_eq!(g.wait_before_taking(1, true), None, "stopping");
         g.taken(1);
-        assert_eq!(g.wait_before_taking(5), None, "the load went away");
+        assert_eq!(g.wait_before_taking(5, false), None, "the load went away");
         let mut off = Gather::new(Duration::ZERO);
         off.taken(100);
-        assert_eq!(off.wait_before_taking(1), None);
+        assert_eq!(off.wait_before_taking(1, false), None);
     }
 }

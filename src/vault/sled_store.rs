@@ -663,7 +663,7 @@ fn commit_loop(
             if p.writes.is_empty() {
                 return; // stopping, and nothing left to write
             }
-            if let Some(wait) = gather.wait_before_taking(p.updates).filter(|_| !p.stop) {
+            if let Some(wait) = gather.wait_before_taking(p.updates, p.stop) {
                 // Writers keep queueing meanwhile (the lock is released;
                 // `idle` is false, so they do not wake us).
                 drop(p);
