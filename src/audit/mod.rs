@@ -391,8 +391,9 @@ pub struct Sealer {
     journal: Option<Arc<Journal>>,
     /// The chain's end, and the single chainer's lock.
     head: tokio::sync::Mutex<SealState>,
-    /// Serialises appends with the file handle.
-    file: Mutex<Option<fs::File>>,
+    /// Serialises appends with the file handle. Shared with the blocking
+    /// thread that writes and syncs it (never a tokio worker).
+    file: Arc<Mutex<Option<fs::File>>>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -445,7 +446,7 @@ impl Sealer {
                 head: stored.clone(),
                 undeleted: Default::default(),
             }),
-            file: Mutex::new(None),
+            file: Arc::new(Mutex::new(None)),
         };
         if file_seq > stored.seq {
             // Sealed into the file, but the head was not updated (a crash,
@@ -507,29 +508,18 @@ impl Sealer {
         self.journal.clone()
     }
 
-    fn append(&self, lines: &[u8]) -> Result<(), AuditError> {
-        let err = |e: std::io::Error| AuditError::File {
+    /// Appends `lines` to the log and syncs it, on a blocking thread: the
+    /// sync never holds up a tokio worker (and the calls it serves).
+    async fn append(&self, lines: Vec<u8>) -> Result<(), AuditError> {
+        let (file, path) = (self.file.clone(), self.path.clone());
+        let failed = |reason: String| AuditError::File {
             path: self.path.clone(),
-            reason: e.to_string(),
+            reason,
         };
-        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir).map_err(err)?;
-            }
-            let f = fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&self.path)
-                .map_err(err)?;
-            *guard = Some(f);
-        }
-        let f = guard.as_mut().ok_or_else(|| AuditError::File {
-            path: self.path.clone(),
-            reason: "not open".into(),
-        })?;
-        f.write_all(lines).and_then(|_| f.sync_data()).map_err(err)
+        tokio::task::spawn_blocking(move || append_to(&file, &path, &lines))
+            .await
+            .map_err(|e| failed(format!("the writing thread failed: {e}")))?
+            .map_err(|e| failed(e.to_string()))
     }
 
     /// Seals up to one batch of pending entries (from the store and from
@@ -605,7 +595,7 @@ impl Sealer {
             lines.push(b'\n');
         }
         if !lines.is_empty() {
-            self.append(&lines)?;
+            self.append(lines).await?;
             if let Some(m) = crate::metrics::get() {
                 m.audit_sealed.inc_by(next.seq - state.head.seq);
             }
@@ -656,6 +646,28 @@ impl Sealer {
             }
         }
     }
+}
+
+/// Opens the log at `path` on first use (mode 0600), appends `lines` and
+/// syncs them.
+fn append_to(file: &Mutex<Option<fs::File>>, path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    let mut guard = file.lock().unwrap_or_else(|e| e.into_inner());
+    let f = match guard.as_mut() {
+        Some(f) => f,
+        None => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir)?;
+            }
+            guard.insert(
+                fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(path)?,
+            )
+        }
+    };
+    f.write_all(lines).and_then(|_| f.sync_data())
 }
 
 /// Every entry of the log file, parsed.
