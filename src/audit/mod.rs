@@ -160,6 +160,27 @@ impl Entry {
         let bytes = serde_json::to_vec(&unsigned).unwrap_or_default();
         hex::encode(hmac::sign(key, &bytes).as_ref())
     }
+
+    /// Sets `mac` and returns the entry's line (without the newline),
+    /// serialising the entry once: the MAC covers the entry with `mac`
+    /// empty, and the line is those same bytes with the MAC put in (`mac`
+    /// is the last field, and hex needs no escaping).
+    fn seal(&mut self, key: &hmac::Key) -> Vec<u8> {
+        const UNSIGNED_END: &[u8] = b"\"mac\":\"\"}";
+        self.mac.clear();
+        let mut line = serde_json::to_vec(&*self).unwrap_or_default();
+        let mac = hex::encode(hmac::sign(key, &line).as_ref());
+        if line.ends_with(UNSIGNED_END) {
+            line.truncate(line.len() - 2);
+            line.extend_from_slice(mac.as_bytes());
+            line.extend_from_slice(b"\"}");
+            self.mac = mac;
+        } else {
+            self.mac = mac;
+            line = serde_json::to_vec(&*self).unwrap_or_default();
+        }
+        line
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -588,11 +609,10 @@ impl Sealer {
         for mut e in batch {
             e.seq = next.seq + 1;
             e.prev = next.mac.clone();
-            e.mac = e.mac(&self.key);
-            next.seq = e.seq;
-            next.mac = e.mac.clone();
-            lines.extend(serde_json::to_vec(&e).unwrap_or_default());
+            lines.extend(e.seal(&self.key));
             lines.push(b'\n');
+            next.seq = e.seq;
+            next.mac = e.mac;
         }
         if !lines.is_empty() {
             self.append(lines).await?;
@@ -768,6 +788,46 @@ mod tests {
     use super::*;
     use crate::vault::chaos::ChaosStore;
     use crate::vault::sled_store::{SledOptions, SledStore};
+
+    /// The sealer writes each line from the bytes its MAC covers: the line
+    /// must be what serialising the sealed entry gives, and its MAC the one
+    /// `verify` recomputes, whatever the fields hold (quotes, escapes,
+    /// non-ASCII, an empty or a long previous MAC).
+    #[test]
+    fn a_sealed_line_is_the_entry_serialised_with_the_mac_verify_expects() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"test audit key");
+        for (detail, prev) in [
+            ("", ""),
+            ("transaction_id=t-1 \"quoted\" \\ back\\slash", "00ff"),
+            (
+                "ünïcode ✓ and a\nnewline and a \u{1} control",
+                &"ab".repeat(32),
+            ),
+            ("\"mac\":\"\"}", "x"),
+        ] {
+            let mut e = Entry {
+                seq: 7,
+                time: "2026-11-23T10:00:00Z".into(),
+                id: "0001".into(),
+                client: "switch".into(),
+                role: "switch".into(),
+                origin: "127.0.0.1:1".into(),
+                action: "authorize".into(),
+                outcome: "approved".into(),
+                card_id: "card_1".into(),
+                pan: "411111******1111".into(),
+                detail: detail.into(),
+                prev: prev.into(),
+                mac: "stale".into(),
+            };
+            let line = e.seal(&key);
+            assert_eq!(line, serde_json::to_vec(&e).unwrap(), "{detail:?}");
+            assert_eq!(e.mac, e.mac(&key), "{detail:?}");
+            assert_eq!(e.mac.len(), 64);
+            let back: Entry = serde_json::from_slice(&line).unwrap();
+            assert_eq!(back, e);
+        }
+    }
 
     /// A vault store (that can be made to fail), a keys directory, an
     /// audit log and a journal directory.
