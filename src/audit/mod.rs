@@ -410,8 +410,9 @@ pub struct Sealer {
     instance: String,
     /// The instance's pending journal (the running server's).
     journal: Option<Arc<Journal>>,
-    /// The chain's end, and the single chainer's lock.
-    head: tokio::sync::Mutex<SealState>,
+    /// The chain's end, and the single chainer's lock (owned by the
+    /// blocking thread while it appends: see `seal_once`).
+    head: Arc<tokio::sync::Mutex<SealState>>,
     /// Serialises appends with the file handle. Shared with the blocking
     /// thread that writes and syncs it (never a tokio worker).
     file: Arc<Mutex<Option<fs::File>>>,
@@ -463,10 +464,10 @@ impl Sealer {
             path: path.to_path_buf(),
             instance: instance.to_string(),
             journal,
-            head: tokio::sync::Mutex::new(SealState {
+            head: Arc::new(tokio::sync::Mutex::new(SealState {
                 head: stored.clone(),
                 undeleted: Default::default(),
-            }),
+            })),
             file: Arc::new(Mutex::new(None)),
         };
         if file_seq > stored.seq {
@@ -529,24 +530,10 @@ impl Sealer {
         self.journal.clone()
     }
 
-    /// Appends `lines` to the log and syncs it, on a blocking thread: the
-    /// sync never holds up a tokio worker (and the calls it serves).
-    async fn append(&self, lines: Vec<u8>) -> Result<(), AuditError> {
-        let (file, path) = (self.file.clone(), self.path.clone());
-        let failed = |reason: String| AuditError::File {
-            path: self.path.clone(),
-            reason,
-        };
-        tokio::task::spawn_blocking(move || append_to(&file, &path, &lines))
-            .await
-            .map_err(|e| failed(format!("the writing thread failed: {e}")))?
-            .map_err(|e| failed(e.to_string()))
-    }
-
     /// Seals up to one batch of pending entries (from the store and from
     /// the journal); returns how many.
     pub async fn seal_once(&self) -> Result<usize, AuditError> {
-        let mut state = self.head.lock().await;
+        let mut state = self.head.clone().lock_owned().await;
         let prefix = pending_prefix(&self.instance);
         let mut pending = self.store.scan(&prefix, None, BATCH).await?;
         let from = state.head.journal();
@@ -614,18 +601,35 @@ impl Sealer {
             next.seq = e.seq;
             next.mac = e.mac;
         }
-        if !lines.is_empty() {
-            self.append(lines).await?;
+        // The file is the chain once the lines are in it: the head moves
+        // past them, and their store entries are never sealed again, in the
+        // same step as the write. That step runs on a blocking thread (the
+        // sync never holds up a tokio worker) which owns the chain's lock:
+        // if this call is cancelled meanwhile (the server stopping), the
+        // step still completes whole, and the next pass sees it.
+        let sealed = next.seq - state.head.seq;
+        let keys: Vec<Vec<u8>> = pending.iter().map(|(k, _)| k.clone()).collect();
+        let (file, path, head) = (self.file.clone(), self.path.clone(), next.clone());
+        let mut state = tokio::task::spawn_blocking(move || {
+            if !lines.is_empty() {
+                append_to(&file, &path, &lines)?;
+            }
+            state.head = head;
+            state.undeleted.extend(keys);
+            Ok::<_, std::io::Error>(state)
+        })
+        .await
+        .map_err(|e| format!("the writing thread failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|reason| AuditError::File {
+            path: self.path.clone(),
+            reason,
+        })?;
+        if sealed > 0 {
             if let Some(m) = crate::metrics::get() {
-                m.audit_sealed.inc_by(next.seq - state.head.seq);
+                m.audit_sealed.inc_by(sealed);
             }
         }
-        // The file is the chain now: whatever happens to the update below,
-        // these entries are never sealed again.
-        state.head = next.clone();
-        state
-            .undeleted
-            .extend(pending.iter().map(|(k, _)| k.clone()));
         let hk = head_key(&self.instance);
         let mut writes: Vec<Write> = pending
             .iter()
@@ -928,6 +932,46 @@ mod tests {
         Event::new("detokenize", "ok")
             .pan("411111******1111".into())
             .detail(format!("n={n}"))
+    }
+
+    /// The server aborts the sealing task when it stops, then seals what
+    /// is left. A pass cancelled while its lines are being written must
+    /// still complete whole (the head moves past them), or the next pass
+    /// seals the same entries again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pass_cancelled_while_writing_completes_and_nothing_is_sealed_twice() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        for n in 0..10 {
+            if n % 2 == 0 {
+                f.record_in_store(&recorder, n).await;
+            } else {
+                f.record(&recorder, n).await.unwrap();
+            }
+        }
+        // Hold the log's file, so the pass waits inside its write.
+        let (file, (locked_tx, locked_rx), (release_tx, release_rx)) = (
+            sealer.file.clone(),
+            std::sync::mpsc::channel(),
+            std::sync::mpsc::channel::<()>(),
+        );
+        let holder = std::thread::spawn(move || {
+            let _held = file.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        locked_rx.recv().unwrap();
+        let pass =
+            tokio::time::timeout(std::time::Duration::from_millis(300), sealer.seal_once()).await;
+        assert!(
+            pass.is_err(),
+            "the pass waited for the file and was cancelled"
+        );
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        sealer.seal_all().await.unwrap();
+        assert_eq!(f.sealed(), (0..10).collect::<Vec<_>>());
+        assert!(f.chaos.scan(PENDING, None, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
