@@ -154,11 +154,12 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// What this entry's MAC should be (what `verify` checks): the one
+    /// [`Entry::seal`] gives it.
     fn mac(&self, key: &hmac::Key) -> String {
-        let mut unsigned = self.clone();
-        unsigned.mac = String::new();
-        let bytes = serde_json::to_vec(&unsigned).unwrap_or_default();
-        hex::encode(hmac::sign(key, &bytes).as_ref())
+        let mut sealed = self.clone();
+        sealed.seal(key);
+        sealed.mac
     }
 
     /// Sets `mac` and returns the entry's line (without the newline),
@@ -826,7 +827,14 @@ mod tests {
             };
             let line = e.seal(&key);
             assert_eq!(line, serde_json::to_vec(&e).unwrap(), "{detail:?}");
-            assert_eq!(e.mac, e.mac(&key), "{detail:?}");
+            // The MAC is HMAC-SHA256 over the entry with `mac` empty.
+            let unsigned = Entry {
+                mac: String::new(),
+                ..e.clone()
+            };
+            let expected = hmac::sign(&key, &serde_json::to_vec(&unsigned).unwrap());
+            assert_eq!(e.mac, hex::encode(expected.as_ref()), "{detail:?}");
+            assert_eq!(e.mac(&key), e.mac, "verify recomputes the same");
             assert_eq!(e.mac.len(), 64);
             let back: Entry = serde_json::from_slice(&line).unwrap();
             assert_eq!(back, e);
