@@ -611,6 +611,10 @@ impl Sealer {
         let sealed = next.seq - state.head.seq;
         let keys: Vec<Vec<u8>> = pending.iter().map(|(k, _)| k.clone()).collect();
         let (file, path, head) = (self.file.clone(), self.path.clone(), next.clone());
+        let failed = |reason: String| AuditError::File {
+            path: self.path.clone(),
+            reason,
+        };
         let mut state = tokio::task::spawn_blocking(move || {
             if !lines.is_empty() {
                 append_to(&file, &path, &lines)?;
@@ -620,12 +624,8 @@ impl Sealer {
             Ok::<_, std::io::Error>(state)
         })
         .await
-        .map_err(|e| format!("the writing thread failed: {e}"))
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|reason| AuditError::File {
-            path: self.path.clone(),
-            reason,
-        })?;
+        .map_err(|e| failed(format!("the writing thread failed: {e}")))?
+        .map_err(|e| failed(e.to_string()))?;
         if sealed > 0 {
             if let Some(m) = crate::metrics::get() {
                 m.audit_sealed.inc_by(sealed);
