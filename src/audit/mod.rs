@@ -910,6 +910,23 @@ mod tests {
                 .unwrap();
         }
 
+        /// Writes entries `ns` in order, each in a store batch where
+        /// `in_store` says so and through the journal otherwise.
+        async fn record_mixed(
+            &self,
+            recorder: &Recorder,
+            ns: std::ops::Range<usize>,
+            in_store: fn(usize) -> bool,
+        ) {
+            for n in ns {
+                if in_store(n) {
+                    self.record_in_store(recorder, n).await;
+                } else {
+                    self.record(recorder, n).await.unwrap();
+                }
+            }
+        }
+
         /// The numbers of the sealed entries, in the log's order, after
         /// checking the chain.
         fn sealed(&self) -> Vec<usize> {
@@ -950,13 +967,7 @@ mod tests {
     async fn a_pass_cancelled_while_writing_completes_and_nothing_is_sealed_twice() {
         let f = Fixture::new();
         let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
-        for n in 0..10 {
-            if n % 2 == 0 {
-                f.record_in_store(&recorder, n).await;
-            } else {
-                f.record(&recorder, n).await.unwrap();
-            }
-        }
+        f.record_mixed(&recorder, 0..10, |n| n % 2 == 0).await;
         // Hold the log's file, so the pass waits inside its write.
         let (file, (locked_tx, locked_rx), (release_tx, release_rx)) = (
             sealer.file.clone(),
@@ -987,16 +998,10 @@ mod tests {
         let f = Fixture::new();
         let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
         // More than a batch, some of them in store batches in between.
-        for n in 0..600 {
-            if n % 7 == 3 {
-                f.record_in_store(&recorder, n).await;
-            } else {
-                f.record(&recorder, n).await.unwrap();
-            }
-            if n == 100 {
-                sealer.seal_all().await.unwrap();
-            }
-        }
+        let in_store = |n| n % 7 == 3;
+        f.record_mixed(&recorder, 0..101, in_store).await;
+        sealer.seal_all().await.unwrap();
+        f.record_mixed(&recorder, 101..600, in_store).await;
         // Concurrent callers share rounds, and each still waits for its own.
         let recorder = Arc::new(recorder);
         let tasks: Vec<_> = (600..700)
