@@ -10,8 +10,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::vault::embedded::{EngineKind, EngineOptions};
 use crate::vault::records::KEY_CHECK_VALUE;
-use crate::vault::sled_store::{SledOptions, SledStore};
 use crate::vault::store::{Store, StoreError, Write as StoreWrite};
 
 const MAGIC: &[u8; 8] = b"VCNBAK01";
@@ -188,11 +188,13 @@ fn read_bytes(r: &mut impl Read, len: u32) -> Option<Vec<u8>> {
     Some(v)
 }
 
-/// Restores a backup into `data_dir` (which must be empty or absent). When
+/// Restores a backup into `data_dir` (which must be empty or absent), as a
+/// vault on `engine` (a backup's format is the same for every engine). When
 /// `key_check_value` is given, the backup must have been made with that key.
 pub async fn restore(
     from: &Path,
     data_dir: &Path,
+    engine: EngineKind,
     key_check_value: Option<&str>,
 ) -> Result<u64, BackupError> {
     if std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some()) {
@@ -215,7 +217,7 @@ pub async fn restore(
             });
         }
     }
-    let store = SledStore::open(data_dir, &SledOptions::default())?;
+    let store = crate::vault::embedded::open(data_dir, engine, &EngineOptions::default())?;
     let mut batch = Vec::new();
     let mut n = 0;
     for entry in backup.entries()? {
@@ -269,10 +271,12 @@ impl<W: Write> Write for HashingWriter<W> {
 mod tests {
     use super::*;
 
+    /// From a sled vault into a fjall one: how a vault changes engine.
     #[tokio::test]
-    async fn round_trip_and_damage_is_detected() {
+    async fn round_trip_across_engines_and_damage_is_detected() {
+        use crate::vault::embedded::{engine_of, SledStore};
         let dir = tempfile::tempdir().unwrap();
-        let src = SledStore::open(&dir.path().join("a"), &SledOptions::default()).unwrap();
+        let src = SledStore::open(&dir.path().join("a"), &EngineOptions::default()).unwrap();
         let writes: Vec<StoreWrite> = (0..500u32)
             .map(|i| StoreWrite::Put(format!("c/{i:05}").into_bytes(), vec![i as u8; 50]))
             .chain([StoreWrite::Put(KEY_CHECK_VALUE.to_vec(), b"kcv1".to_vec())])
@@ -281,22 +285,26 @@ mod tests {
         let file = dir.path().join("b.vcnbak");
         assert_eq!(write(&src, &file).await.unwrap(), 501);
 
-        let err = restore(&file, &dir.path().join("c"), Some("other"))
+        let c = dir.path().join("c");
+        let err = restore(&file, &c, EngineKind::Fjall, Some("other"))
             .await
             .unwrap_err();
         assert!(matches!(err, BackupError::WrongKey { .. }), "{err}");
         assert_eq!(
-            restore(&file, &dir.path().join("c"), Some("kcv1"))
+            restore(&file, &c, EngineKind::Fjall, Some("kcv1"))
                 .await
                 .unwrap(),
             501
         );
-        let restored = SledStore::open(&dir.path().join("c"), &SledOptions::default()).unwrap();
+        assert_eq!(engine_of(&c).unwrap(), Some(EngineKind::Fjall));
+        // Opened as what it is, whatever a new vault would be.
+        let restored =
+            crate::vault::embedded::open(&c, EngineKind::Sled, &EngineOptions::default()).unwrap();
         assert_eq!(
             restored.get(b"c/00042").await.unwrap(),
             Some(vec![42u8; 50])
         );
-        let err = restore(&file, &dir.path().join("c"), None)
+        let err = restore(&file, &c, EngineKind::Fjall, None)
             .await
             .unwrap_err();
         assert!(matches!(err, BackupError::NotEmpty(_)));
@@ -306,7 +314,7 @@ mod tests {
         bytes[mid] ^= 1;
         std::fs::write(&file, &bytes).unwrap();
         assert!(matches!(
-            restore(&file, &dir.path().join("d"), None).await,
+            restore(&file, &dir.path().join("d"), EngineKind::Fjall, None).await,
             Err(BackupError::Damaged(..))
         ));
         assert!(
@@ -315,7 +323,7 @@ mod tests {
         );
         std::fs::write(&file, &bytes[..mid]).unwrap();
         assert!(matches!(
-            restore(&file, &dir.path().join("e"), None).await,
+            restore(&file, &dir.path().join("e"), EngineKind::Sled, None).await,
             Err(BackupError::Damaged(..))
         ));
     }

@@ -1488,8 +1488,10 @@ pub struct LocalServer {
 /// How an in-process server is set up, where it differs from the defaults.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// sled's cache, in MiB.
+    /// The embedded engine's cache, in MiB.
     pub cache_mib: u64,
+    /// The engine of a new data directory.
+    pub engine: crate::vault::embedded::EngineKind,
     /// A compressed retention (see
     /// [`crate::config::Config::compressed_retention`]).
     pub retention: Option<Duration>,
@@ -1502,6 +1504,7 @@ impl Default for LocalOptions {
         let config = crate::config::Config::default();
         LocalOptions {
             cache_mib: config.cache_capacity_mib,
+            engine: config.engine,
             retention: None,
             commit_delay_us: config.commit_delay_us,
         }
@@ -1533,6 +1536,7 @@ impl LocalServer {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
             cache_capacity_mib: cache_mib,
+            engine: options.engine,
             compressed_retention: options.retention,
             commit_delay_us: options.commit_delay_us,
             ..crate::config::Config::default()

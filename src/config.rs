@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::domain::card::PolicyBounds;
 use crate::domain::number::NumberPlan;
+use crate::vault::embedded::{EngineKind, EngineOptions};
 use crate::vault::postgres_store::{describe_url, PostgresOptions};
-use crate::vault::sled_store::SledOptions;
 use crate::vault::VaultConfig;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -22,11 +22,15 @@ pub struct Config {
     /// one before (see [`crate::installation`]). A flag, not a file setting.
     #[serde(skip)]
     pub new_vault: bool,
-    /// Where the vault keeps its data with the embedded engine (sled).
+    /// Where the vault keeps its data with the embedded store.
     pub data_dir: PathBuf,
-    /// The storage engine: unset for the embedded one (sled, in
-    /// `data_dir`), or a PostgreSQL URL (`postgres://user:password@host:port/db`)
-    /// shared by several instances.
+    /// The embedded store's engine for a new data directory: "fjall" (the
+    /// default) or "sled". A directory that holds a vault keeps the engine
+    /// it was made with (recorded in it), whatever this says.
+    pub engine: EngineKind,
+    /// The storage engine: unset for the embedded one (in `data_dir`), or
+    /// a PostgreSQL URL (`postgres://user:password@host:port/db`) shared by
+    /// several instances.
     pub store: Option<StoreUrl>,
     /// Connections to PostgreSQL each instance keeps at most.
     pub postgres_pool_size: usize,
@@ -64,7 +68,7 @@ pub struct Config {
     /// --retention`). Not a file setting.
     #[serde(skip)]
     pub compressed_retention: Option<std::time::Duration>,
-    /// sled's cache, in MiB: bounds the server's memory.
+    /// The embedded engine's cache, in MiB: bounds the server's memory.
     pub cache_capacity_mib: u64,
     /// While writes arrive together, how long (in microseconds) the
     /// embedded store and the audit journal let a commit round gather more
@@ -195,6 +199,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             new_vault: false,
             data_dir: PathBuf::from("data"),
+            engine: EngineKind::default(),
             store: None,
             postgres_pool_size: 16,
             postgres_timeout_ms: 5000,
@@ -420,8 +425,9 @@ impl Config {
         }
     }
 
-    pub fn sled(&self) -> SledOptions {
-        SledOptions {
+    /// The embedded store's settings.
+    pub fn embedded(&self) -> EngineOptions {
+        EngineOptions {
             cache_capacity: self.cache_capacity_mib * 1024 * 1024,
             commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
         }
@@ -463,7 +469,10 @@ mod tests {
         let path = dir.path().join("vcn.toml");
         std::fs::write(&path, "commit_delay_us = 250\n").unwrap();
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.sled().commit_delay, std::time::Duration::from_micros(250));
+        assert_eq!(
+            c.embedded().commit_delay,
+            std::time::Duration::from_micros(250)
+        );
         std::fs::write(&path, "commit_delay_us = 100001\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("commit_delay_us must be at most 100000"), "{e}");

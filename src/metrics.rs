@@ -288,6 +288,10 @@ impl crate::vault::Store for Metered {
     async fn size_bytes(&self) -> Result<Option<u64>, crate::vault::StoreError> {
         self.0.size_bytes().await
     }
+
+    fn settled_before(&self) -> Option<std::time::SystemTime> {
+        self.0.settled_before()
+    }
 }
 
 #[cfg(test)]

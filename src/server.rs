@@ -25,7 +25,6 @@ use crate::installation;
 use crate::vault::crypto::Keyring;
 use crate::vault::keyfile::{self, KeyFileError};
 use crate::vault::postgres_store::PostgresStore;
-use crate::vault::sled_store::SledStore;
 use crate::vault::{system_clock, Store, StoreError, Vault, VaultError};
 
 /// How often the health check asks the storage engine whether it serves.
@@ -234,16 +233,17 @@ pub fn audit_journal(config: &Config) -> crate::audit::JournalConfig {
         }
     };
     crate::audit::JournalConfig {
-        commit_delay: config.sled().commit_delay,
+        commit_delay: config.embedded().commit_delay,
         ..journal
     }
 }
 
-/// Opens the configured storage engine: sled in `data_dir`, or the
+/// Opens the configured storage engine: the embedded store in `data_dir`
+/// (on the engine it was made with, or `engine` for a new one), or the
 /// PostgreSQL database of `store` (its schema brought up to date).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     Ok(match &config.store {
-        None => Arc::new(SledStore::open(&config.data_dir, &config.sled())?),
+        None => crate::vault::embedded::open(&config.data_dir, config.engine, &config.embedded())?,
         Some(url) => {
             let store = PostgresStore::open(url.expose(), &config.postgres()).await?;
             tracing::info!(store = store.describe(), "vault in PostgreSQL");

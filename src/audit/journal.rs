@@ -79,7 +79,7 @@ impl JournalConfig {
             dir: dir.into(),
             prefix: prefix.into(),
             rotate_bytes: DEFAULT_ROTATE_BYTES,
-            margin: crate::vault::sled_store::WRITE_MARGIN,
+            margin: crate::vault::embedded::WRITE_MARGIN,
             commit_delay: crate::vault::gather::DEFAULT_COMMIT_DELAY,
         }
     }

@@ -792,7 +792,7 @@ pub fn export(
 mod tests {
     use super::*;
     use crate::vault::chaos::ChaosStore;
-    use crate::vault::sled_store::{SledOptions, SledStore};
+    use crate::vault::embedded::{EngineOptions, FjallStore};
 
     /// The sealer writes each line from the bytes its MAC covers: the line
     /// must be what serialising the sealed entry gives, and its MAC the one
@@ -851,16 +851,16 @@ mod tests {
     impl Fixture {
         fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let sled = SledStore::open(
+            let store = FjallStore::open(
                 &dir.path().join("data"),
-                &SledOptions {
+                &EngineOptions {
                     cache_capacity: 8 * 1024 * 1024,
-                    ..SledOptions::default()
+                    ..EngineOptions::default()
                 },
             )
             .unwrap();
             Fixture {
-                chaos: ChaosStore::new(Arc::new(sled)),
+                chaos: ChaosStore::new(Arc::new(store)),
                 dir,
             }
         }

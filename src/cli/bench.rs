@@ -57,9 +57,12 @@ pub struct BenchArgs {
     /// and keys/ inside it) instead of a temporary one.
     #[arg(long, conflicts_with = "server")]
     data_dir: Option<PathBuf>,
-    /// In-process server only: sled's cache in MiB.
+    /// In-process server only: the embedded engine's cache in MiB.
     #[arg(long, default_value_t = 256, conflicts_with = "server")]
     cache_mib: u64,
+    /// In-process server only: the engine of a new vault (fjall or sled).
+    #[arg(long, default_value = "fjall", conflicts_with = "server")]
+    engine: crate::vault::embedded::EngineKind,
     /// In-process server only: keep ended cards, transactions and events
     /// this long (and quarantine numbers as long), with the retention pass
     /// four times as often, instead of 13 months: with `--ops lifecycle`
@@ -147,6 +150,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
             let defaults = LocalOptions::default();
             let options = LocalOptions {
                 cache_mib: args.cache_mib,
+                engine: args.engine,
                 retention: args.retention,
                 commit_delay_us: args.commit_delay_us.unwrap_or(defaults.commit_delay_us),
             };

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::clients::{self, Role};
 use crate::config::{Config, LogFormat, StoreUrl};
 use crate::server;
+use crate::vault::embedded::EngineKind;
 use crate::vault::keyfile;
 use crate::vault::postgres_store::PostgresStore;
 
@@ -43,6 +44,10 @@ enum Command {
         /// Where the vault keeps its data [default: ./data].
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The embedded engine of a new data directory: fjall or sled
+        /// [default: fjall]. An existing one keeps its own.
+        #[arg(long, env = "VCN_ENGINE")]
+        engine: Option<EngineKind>,
         /// Where the master key and clients live [default: ./keys].
         #[arg(long)]
         keys_dir: Option<PathBuf>,
@@ -106,6 +111,10 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
+        /// The engine of the restored vault: fjall or sled (a backup is
+        /// the same for both: restoring is how a vault changes engine).
+        #[arg(long, env = "VCN_ENGINE", default_value = "fjall")]
+        engine: EngineKind,
     },
     /// Manage API clients.
     Client {
@@ -310,6 +319,7 @@ pub fn main() -> ExitCode {
         Command::Serve {
             listen,
             data_dir,
+            engine,
             keys_dir,
             store,
             config,
@@ -326,6 +336,9 @@ pub fn main() -> ExitCode {
             cfg.new_vault = new_vault;
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
+            }
+            if let Some(e) = engine {
+                cfg.engine = e;
             }
             if let Some(k) = keys_dir {
                 cfg.keys_dir = k;
@@ -413,7 +426,8 @@ pub fn main() -> ExitCode {
             from,
             data_dir,
             keys_dir,
-        } => restore(&from, &data_dir, &keys_dir),
+            engine,
+        } => restore(&from, &data_dir, &keys_dir, engine),
         Command::Bench(args) => bench::run(args),
         Command::Remote(cmd) => remote::run(cmd),
     }
@@ -436,6 +450,7 @@ fn restore(
     from: &std::path::Path,
     data_dir: &std::path::Path,
     keys_dir: &std::path::Path,
+    engine: EngineKind,
 ) -> ExitCode {
     let kcv = match keyfile::load(keys_dir) {
         Ok(master) => crate::vault::crypto::Keyring::single(&master)
@@ -451,7 +466,7 @@ fn restore(
         Ok(rt) => rt,
         Err(e) => return fail(EXIT_UNAVAILABLE, format!("cannot start the runtime: {e}")),
     };
-    match rt.block_on(crate::backup::restore(from, data_dir, Some(&kcv))) {
+    match rt.block_on(crate::backup::restore(from, data_dir, engine, Some(&kcv))) {
         Ok(n) => {
             if let Err(e) =
                 crate::installation::record(keys_dir, &data_dir.display().to_string(), &kcv)

@@ -80,4 +80,8 @@ impl Store for ChaosStore {
     async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
         self.inner.export(sink).await
     }
+
+    fn settled_before(&self) -> Option<std::time::SystemTime> {
+        self.inner.settled_before()
+    }
 }

@@ -5,13 +5,13 @@
 
 pub mod chaos;
 pub mod crypto;
+pub mod embedded;
 pub mod events;
 pub mod gather;
 pub mod keyfile;
 pub mod postgres_store;
 pub mod purge;
 pub mod records;
-pub mod sled_store;
 pub mod store;
 
 use std::sync::{Arc, RwLock};

@@ -4,9 +4,9 @@
 //! primitive that matters is [`Store::update`]: read some keys, decide,
 //! write all or nothing, serialised with every other update of the same
 //! keys, durable before it returns. The authorisation decision runs inside
-//! it. sled is the embedded engine ([`super::sled_store`]); PostgreSQL
-//! ([`super::postgres_store`]) implements the same with row locks in
-//! serialisable transactions, shared by several processes.
+//! it. The embedded store ([`super::embedded`], on fjall or sled) does it
+//! with key locks and group commit; PostgreSQL ([`super::postgres_store`])
+//! with row locks in serialisable transactions, shared by several processes.
 
 use async_trait::async_trait;
 
@@ -81,7 +81,18 @@ pub trait Store: Send + Sync + 'static {
     async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+
+    /// A time before which every update this process has begun is visible
+    /// to `scan` (or has failed), when the engine can say: the audit sealer
+    /// starts its scan of pending entries there rather than at the first
+    /// (pending keys begin with their decision's time). None: scan all.
+    fn settled_before(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
+
+/// Entries (key, value) in key order, as a scan returns them.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Receives one exported entry (key, value).
 pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + Send + 'a;

@@ -136,7 +136,14 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
         acked.len()
     );
 
-    // Restore into a new data directory and serve it.
+    // Restore into a new data directory, on the other embedded engine (how
+    // a vault changes engine), and serve it: the server opens it as what
+    // it is, whatever engine it was told to make new vaults on.
+    use vcn::vault::embedded::EngineKind;
+    let other = match crate::engine::embedded_kind() {
+        EngineKind::Fjall => EngineKind::Sled,
+        EngineKind::Sled => EngineKind::Fjall,
+    };
     let restore = vcn(
         &d,
         0,
@@ -147,6 +154,8 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
             file.to_str().unwrap(),
             "--data-dir",
             "restored",
+            "--engine",
+            other.name(),
         ],
     );
     assert!(
@@ -172,6 +181,11 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
         "restore refuses a data directory that holds data"
     );
     let server = serve_with(&d, &["--data-dir", "restored"]);
+    assert_eq!(
+        vcn::vault::embedded::engine_of(&d.join("restored")).unwrap(),
+        Some(other),
+        "the restored vault keeps the engine it was restored on"
+    );
     let mut cards = CardServiceClient::new(connect(server.port, &web).await.unwrap());
     let mut sw = AuthorizationServiceClient::new(connect(server.port, &switch).await.unwrap());
 

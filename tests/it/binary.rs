@@ -24,12 +24,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The `--store` of the engine under test for a server in `dir`: none for
-/// sled, else a database created for `dir` on first use (so a restart in
-/// the same directory finds its data).
+/// The engine under test for a server in `dir`: `--engine` for the
+/// embedded one, else `--store` with a database created for `dir` on first
+/// use (so a restart in the same directory finds its data).
 fn store_args(dir: &Path) -> Vec<String> {
-    if crate::engine::engine() == crate::engine::Engine::Sled {
-        return vec![];
+    if let crate::engine::Engine::Embedded(kind) = crate::engine::engine() {
+        return vec!["--engine".into(), kind.name().into()];
     }
     let remembered = dir.join("store-url");
     let url = match std::fs::read_to_string(&remembered) {
@@ -737,7 +737,7 @@ fn metrics_and_json_logs_show_an_operator_what_happens() {
         sample(&text, r#"vcn_store_update_duration_seconds_count"#).unwrap_or(0.0) >= 5.0,
         "{text}"
     );
-    if crate::engine::engine() == crate::engine::Engine::Sled {
+    if crate::engine::engine().is_embedded() {
         assert!(
             sample(&text, "vcn_store_flush_duration_seconds_count").unwrap_or(0.0) >= 1.0,
             "{text}"

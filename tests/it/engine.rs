@@ -1,8 +1,10 @@
 //! Which storage engine the suite runs against, and the PostgreSQL servers
 //! the tests use.
 //!
-//! - `VCN_TEST_ENGINE=postgres` runs every test body against PostgreSQL
-//!   (default `sled`): each test gets a fresh database on the server named
+//! - `VCN_TEST_ENGINE` picks the engine every test body runs against:
+//!   `fjall` (the default, as for a new vault), `sled` (the engine of older
+//!   vaults), or `postgres`. With PostgreSQL each test gets a fresh database
+//!   on the server named
 //!   by `VCN_TEST_POSTGRES_URL` (a superuser URL, e.g. the throwaway cluster
 //!   `.ci/postgres.sh` starts), so tests stay independent and parallel.
 //! - Tests that exist only for PostgreSQL (tests/it/postgres.rs) need that
@@ -18,18 +20,38 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use vcn::config::StoreUrl;
+use vcn::vault::embedded::EngineKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    Sled,
+    /// The embedded store on this engine.
+    Embedded(EngineKind),
     Postgres,
+}
+
+impl Engine {
+    pub fn is_embedded(self) -> bool {
+        matches!(self, Engine::Embedded(_))
+    }
 }
 
 pub fn engine() -> Engine {
     match std::env::var("VCN_TEST_ENGINE").as_deref() {
         Ok("postgres") => Engine::Postgres,
-        Ok("sled") | Ok("") | Err(_) => Engine::Sled,
-        Ok(other) => panic!("VCN_TEST_ENGINE={other}: expected sled or postgres"),
+        Ok("") | Err(_) => Engine::Embedded(EngineKind::default()),
+        Ok(other) => match other.parse() {
+            Ok(kind) => Engine::Embedded(kind),
+            Err(_) => panic!("VCN_TEST_ENGINE={other}: expected fjall, sled or postgres"),
+        },
+    }
+}
+
+/// The embedded engine a new test vault is made on (the default one when
+/// the suite runs against PostgreSQL, for the tests that are embedded only).
+pub fn embedded_kind() -> EngineKind {
+    match engine() {
+        Engine::Embedded(kind) => kind,
+        Engine::Postgres => EngineKind::default(),
     }
 }
 
@@ -114,11 +136,11 @@ pub fn create_database(admin_url: &str) -> String {
     with_database(admin_url, &db)
 }
 
-/// The store for a new test's configuration: None for sled, else a fresh
-/// database.
+/// The store for a new test's configuration: None for the embedded one,
+/// else a fresh database.
 pub fn fresh_store() -> Option<StoreUrl> {
     match engine() {
-        Engine::Sled => None,
+        Engine::Embedded(_) => None,
         Engine::Postgres => {
             let admin = postgres_url("the suite with VCN_TEST_ENGINE=postgres")?;
             Some(StoreUrl::new(create_database(&admin)))

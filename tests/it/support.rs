@@ -56,12 +56,13 @@ pub fn config_in(dir: &Path) -> Config {
     Config {
         data_dir: dir.join("data"),
         keys_dir: dir.join("keys"),
+        engine: crate::engine::embedded_kind(),
         store: crate::engine::fresh_store(),
         ..Config::default()
     }
 }
 
-/// Everything the vault's engine holds at rest, as bytes to scan: sled's
+/// Everything the vault's engine holds at rest, as bytes to scan: the embedded engine's
 /// files, or a `pg_dump` of the database (its bytea values decoded).
 pub fn bytes_at_rest(config: &Config) -> Vec<u8> {
     match &config.store {

@@ -1,14 +1,17 @@
-//! The embedded engine: one sled tree, striped key locks, group commit by a
-//! committer thread.
+//! The embedded store: one key-value engine in the data directory
+//! (fjall for new vaults, [`fjall_engine`]; sled for vaults made before,
+//! [`sled_engine`]), striped key locks, group commit by a committer thread.
+//! Everything here is the same for both engines; an [`Engine`] only reads,
+//! applies a batch, and makes what it applied durable.
 //!
 //! An update locks the stripes of its keys (in a fixed order, so two
 //! updates never deadlock), reads, decides and queues its writes in the
 //! round being collected, then releases the locks and waits for that round.
 //! A dedicated committer thread takes everything queued since its last
-//! round, applies it to sled as ONE atomic batch, calls `Db::flush` (one
-//! write and sync of sled's log) and wakes every writer of the round at
-//! once. No lock is held across the sync and the sync never runs on a
-//! tokio worker. (sled 0.34's own `flush_async` was seen to hang under
+//! round, applies it to the engine as ONE atomic batch, makes it durable
+//! (one write and sync of the engine's log) and wakes every writer of the
+//! round at once. No lock is held across the sync and the sync never runs
+//! on a tokio worker. (sled 0.34's own `flush_async` was seen to hang under
 //! tokio, hence the thread.)
 //!
 //! Why queue instead of applying each update's batch in the caller: in
@@ -16,14 +19,14 @@
 //! across its whole I/O, so a batch applied while a flush is in flight
 //! blocks until the sync is done, and it blocks the tokio worker it runs on.
 //! The committer never applies while it flushes, so callers only ever wait
-//! on memory.
+//! on memory, whatever the engine.
 //!
 //! Writes queued but not yet applied live in an overlay that updates
 //! consult first, so an update sees every update to its keys before it.
 //! Nobody is answered before what they read is durable: an update waits
 //! for the round its writes are in; one that writes nothing waits for the
 //! latest round, which holds or follows everything it could have read;
-//! rounds are applied and flushed in order, and sled's flush makes
+//! rounds are applied and flushed in order, and the engine's flush makes
 //! everything applied before it durable. When a round cannot be applied or
 //! flushed, it and every round queued after it (which may have been
 //! decided on its writes) fail together, and updates still deciding on
@@ -31,48 +34,117 @@
 //!
 //! The disk filling up: before applying a round, the committer checks that
 //! the data directory's filesystem keeps [`WRITE_MARGIN`] free. When it
-//! does not, the round is refused (UNAVAILABLE, "full") without sled ever
-//! meeting ENOSPC, so sled stays healthy and reads keep working; writes are
+//! does not, the round is refused (UNAVAILABLE, "full") without the engine
+//! meeting ENOSPC, so it stays healthy and reads keep working; writes are
 //! refused at once until the space is there again, and then simply resume.
 //!
-//! A write error sled does meet (an I/O error, or a disk filled faster than
-//! the margin) leaves sled refusing every later write, even once space
-//! returns. So the store marks itself broken: writes are refused at once
-//! with a message saying why, reads keep working from the open database,
-//! and once the filesystem has room again the next write reopens sled,
-//! which recovers to its last durable state (never acknowledged writes are
-//! gone, as they were never acknowledged).
+//! A write error the engine does meet (an I/O error, or a disk filled
+//! faster than the margin) leaves it refusing every later write, even once
+//! space returns (sled's state, fjall's "poisoned"). So the store marks
+//! itself broken: writes are refused at once with a message saying why,
+//! reads keep working from the open database, and once the filesystem has
+//! room again the next write reopens the engine, which recovers to its last
+//! durable state (never acknowledged writes are gone, as they were never
+//! acknowledged).
 //!
 //! A backup (`export`) holds the barrier alone: the committer applies each
 //! round under a shared hold of it, so an export never sees a round half
 //! applied (sled's iterators are not snapshots).
+//!
+//! The audit sealer scans pending entries by key, and their keys begin with
+//! the time their update decided. [`EmbeddedStore::settled_before`] tells
+//! it the time before which no update is still deciding or queued, so it
+//! can start its scan there instead of walking every entry it already
+//! sealed and deleted (an LSM keeps those as tombstones until compaction).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::vault::gather::{Gather, DEFAULT_COMMIT_DELAY};
-use crate::vault::store::{Decide, ExportSink, Store, StoreError, Write};
+use crate::vault::store::{Decide, Entries, ExportSink, Store, StoreError, Write};
+
+pub mod fjall_engine;
+pub mod sled_engine;
+
+pub use fjall_engine::Fjall;
+pub use sled_engine::Sled;
+
+/// What the embedded store needs of a key-value engine: reads, an atomic
+/// batch, and a flush that makes every batch applied before it durable.
+/// Called from the committer thread and from request paths; never async.
+pub trait Engine: Send + Sync + Sized + 'static {
+    /// The engine's name, as the configuration and logs spell it.
+    const NAME: &'static str;
+    /// Opens (or creates) the engine's files in `dir`. A directory another
+    /// process has open is refused with [`in_use`]'s error.
+    fn open(dir: &Path, options: &EngineOptions) -> Result<Self, StoreError>;
+    /// The applied value of one key.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// As [`Store::scan`], over applied values.
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StoreError>;
+    /// Applies `writes` atomically: visible to reads at once, durable at
+    /// the next `flush`.
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Makes everything applied so far durable (a write and sync).
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Every entry in key order. The store holds its barrier meanwhile.
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError>;
+    /// Bytes the engine's files take.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// The refusal of a data directory another process has open.
+pub(crate) fn in_use(dir: &Path) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the data directory {} is in use by another process (is another `vcn serve` running?)",
+        dir.display()
+    ))
+}
+
+/// An engine's ENOSPC, as the caller is told.
+pub(crate) const DISK_FULL: &str =
+    "the data directory's filesystem is full (no space left on device): free space or grow it";
+
+/// The bytes of the files under `dir` (0 for what cannot be read).
+pub(crate) fn directory_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => directory_size(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
 
 const STRIPES: usize = 4096;
 
 /// Free space the data directory's filesystem must keep for writes to be
-/// taken: a round is refused rather than let sled run out of room mid-write
-/// (what reads need, sled's page rewrites and its segment growth come out
-/// of it).
+/// taken: a round is refused rather than let the engine run out of room
+/// mid-write (what reads need, sled's page rewrites, its segment growth and
+/// fjall's journal come out of it).
 pub const WRITE_MARGIN: u64 = 4 * 1024 * 1024;
 /// Free space the data directory's filesystem needs before a broken store
 /// tries to reopen (sled writes its log in segments of this order).
 const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 /// A file of reserved space beside the database. When a write error breaks
-/// the store, it is deleted, so sled has room for the small writes its
-/// reads need (a page consolidation) and for reopening: reads keep working
+/// the store, it is deleted, so the engine has room for the small writes
+/// its reads need (sled's page consolidation) and for reopening: reads keep working
 /// while client writes are refused. It is made again once space returns.
 const RESERVE_FILE: &str = "vcn-reserve";
 /// The reserve's size: this, or an eighth of the free space when less.
@@ -96,20 +168,20 @@ fn ensure_reserve(dir: &Path) {
 /// How often a broken store may try to reopen.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
-/// A checkpoint written into sled and, once sled has made it durable, into
-/// a file beside it (`vcn-epoch`). sled recovers a damaged log silently, to
-/// the last record it can read: a truncated or corrupted database file
-/// would come back with acknowledged writes missing and no error. The file
-/// holds the last checkpoint sled had on disk; if sled opens with an older
-/// one, it lost durable writes, and the store refuses to open.
+/// A checkpoint written into the engine and, once it has made it durable,
+/// into a file beside it (`vcn-epoch`). Both engines recover a damaged log
+/// silently, to the last record they can read: a truncated or corrupted
+/// database file would come back with acknowledged writes missing and no
+/// error. The file holds the last checkpoint the engine had on disk; if it
+/// opens with an older one, it lost durable writes, and the store refuses
+/// to open.
 const EPOCH_KEY: &[u8] = b"m/durable-epoch";
 const EPOCH_FILE: &str = "vcn-epoch";
 const EPOCH_EVERY: Duration = Duration::from_secs(1);
 
-fn db_epoch(db: &sled::Db) -> Result<u64, StoreError> {
+fn db_epoch<E: Engine>(db: &E) -> Result<u64, StoreError> {
     Ok(db
-        .get(EPOCH_KEY)
-        .map_err(io_error)?
+        .get(EPOCH_KEY)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map_or(0, u64::from_be_bytes))
 }
@@ -136,12 +208,16 @@ fn write_epoch_file(dir: &Path, epoch: u64) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Writes the next checkpoint into sled, makes it durable, then records it
-/// beside the database. Never records one sled does not have on disk.
-fn checkpoint(db: &sled::Db, dir: &Path, epoch: &mut u64) -> Result<(), String> {
+/// Writes the next checkpoint into the engine, makes it durable, then
+/// records it beside the database. Never records one the engine does not
+/// have on disk.
+fn checkpoint<E: Engine>(db: &E, dir: &Path, epoch: &mut u64) -> Result<(), String> {
     let next = *epoch + 1;
-    db.insert(EPOCH_KEY, &next.to_be_bytes())
-        .map_err(|e| e.to_string())?;
+    db.apply(vec![Write::Put(
+        EPOCH_KEY.to_vec(),
+        next.to_be_bytes().to_vec(),
+    )])
+    .map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
     write_epoch_file(dir, next).map_err(|e| e.to_string())?;
     *epoch = next;
@@ -150,19 +226,19 @@ fn checkpoint(db: &sled::Db, dir: &Path, epoch: &mut u64) -> Result<(), String> 
 
 /// Engine settings.
 #[derive(Debug, Clone)]
-pub struct SledOptions {
-    /// sled's page cache, in bytes: what bounds the process's memory.
+pub struct EngineOptions {
+    /// The engine's cache, in bytes: what bounds the process's memory.
     pub cache_capacity: u64,
     /// How long the committer lets a round gather writes before taking it
     /// while the store is busy ([`Gather`]): a round's flush (a write and
-    /// a sync of sled's log, on sled's I/O threads) costs the same however
-    /// many updates it holds. Zero: take each round at once.
+    /// a sync of the engine's log) costs the same however many updates it
+    /// holds. Zero: take each round at once.
     pub commit_delay: Duration,
 }
 
-impl Default for SledOptions {
+impl Default for EngineOptions {
     fn default() -> Self {
-        SledOptions {
+        EngineOptions {
             cache_capacity: 256 * 1024 * 1024,
             commit_delay: DEFAULT_COMMIT_DELAY,
         }
@@ -184,8 +260,8 @@ struct Pending {
     /// discard): a read-only update with nothing being collected waits for
     /// it, as what it read may be on its way to disk.
     taken: Option<watch::Receiver<Outcome>>,
-    /// The latest queued value of every key not yet applied to sled, and
-    /// its round (None: deleted).
+    /// The latest queued value of every key not yet applied to the engine,
+    /// and its round (None: deleted).
     overlay: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     /// Bumped whenever queued writes are discarded: an update that read
     /// before and queues after must fail (it may have read them).
@@ -195,6 +271,31 @@ struct Pending {
     /// The committer is asleep waiting for writes.
     idle: bool,
     stop: bool,
+    /// Updates deciding now (between reading and queueing), by a number of
+    /// their own, with the time they began: what they write is not queued
+    /// yet ([`EmbeddedStore::settled_before`]).
+    deciding: BTreeMap<u64, SystemTime>,
+    /// Numbers for `deciding`.
+    next_decision: u64,
+    /// When the earliest update queued in the round being collected began.
+    collecting_since: Option<SystemTime>,
+    /// When the earliest update in the round the committer is applying
+    /// began (None once applied or discarded).
+    applying_since: Option<SystemTime>,
+}
+
+impl Pending {
+    /// The time before which every update begun is applied (or failed).
+    fn settled_before(&self, now: SystemTime) -> SystemTime {
+        [
+            self.deciding.values().min().copied(),
+            self.collecting_since,
+            self.applying_since,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(now, SystemTime::min)
+    }
 }
 
 /// Counters for measuring group commit.
@@ -243,7 +344,7 @@ impl Shared {
     fn mark_broken(&self, e: &StoreError) {
         if !self.broken.swap(true, Ordering::SeqCst) {
             tracing::error!(error = %e, dir = %self.dir.display(), "vault writes failed: refusing writes until the data directory can take them again");
-            // Give sled the reserved room for its reads and a reopen.
+            // Give the engine the reserved room for its reads and a reopen.
             let _ = std::fs::remove_file(self.dir.join(RESERVE_FILE));
         }
         *self.broken_reason.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
@@ -269,7 +370,8 @@ impl Shared {
 
     /// The refusal to give when the filesystem is below the margin (and
     /// records it), or None when there is room (and clears it). A failed
-    /// look at the filesystem does not stop writes: sled's own error would.
+    /// look at the filesystem does not stop writes: the engine's own error
+    /// would.
     fn short_of_space(&self) -> Option<StoreError> {
         let free = fs2::available_space(&self.dir).ok()?;
         if free >= WRITE_MARGIN {
@@ -288,9 +390,9 @@ impl Shared {
     }
 }
 
-/// One open sled database and its committer thread.
-struct Engine {
-    db: sled::Db,
+/// One open engine and its committer thread.
+struct Opened<E: Engine> {
+    db: Arc<E>,
     dir: PathBuf,
     /// The last checkpoint; the committer advances it.
     epoch: Arc<AtomicU64>,
@@ -298,31 +400,11 @@ struct Engine {
     committer: Option<JoinHandle<()>>,
 }
 
-impl Engine {
-    fn open(shared: &Arc<Shared>, options: &SledOptions) -> Result<Engine, StoreError> {
+impl<E: Engine> Opened<E> {
+    fn open(shared: &Arc<Shared>, options: &EngineOptions) -> Result<Opened<E>, StoreError> {
         let dir = &shared.dir;
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            // The committer flushes after every round; sled's own periodic
-            // flush would only hold its lock against the committer's batch.
-            .flush_every_ms(None);
-        // sled releases its file lock when its last background task ends,
-        // which can be a moment after the previous handle was dropped (a
-        // restart in the same process): wait for it briefly.
-        let mut tries = 0;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && tries < 60 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(describe_open_error(dir, e)),
-            }
-        };
-        let epoch = db_epoch(&db)?;
+        let db = Arc::new(E::open(dir, options)?);
+        let epoch = db_epoch(db.as_ref())?;
         if let Some(recorded) = read_epoch_file(dir)? {
             if epoch < recorded {
                 return Err(StoreError::Corrupt(format!(
@@ -346,6 +428,10 @@ impl Engine {
                 broken: None,
                 idle: false,
                 stop: false,
+                deciding: BTreeMap::new(),
+                next_decision: 0,
+                collecting_since: None,
+                applying_since: None,
             }),
             wake: Condvar::new(),
             stats: Mutex::new(CommitStats::default()),
@@ -357,13 +443,13 @@ impl Engine {
                 .name("vcn-committer".into())
                 .spawn({
                     let delay = options.commit_delay;
-                    move || commit_loop(&db, &commit, &shared, &epoch, delay)
+                    move || commit_loop(db.as_ref(), &commit, &shared, &epoch, delay)
                 })
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start the committer thread: {e}"))
                 })?
         };
-        Ok(Engine {
+        Ok(Opened {
             db,
             dir: dir.to_path_buf(),
             epoch,
@@ -373,7 +459,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl<E: Engine> Drop for Opened<E> {
     fn drop(&mut self) {
         // The committer applies what is queued, then stops.
         self.commit.pending().stop = true;
@@ -382,27 +468,147 @@ impl Drop for Engine {
             let _ = t.join();
         }
         let mut epoch = self.epoch.load(Ordering::SeqCst);
-        if let Err(e) = checkpoint(&self.db, &self.dir, &mut epoch) {
+        if let Err(e) = checkpoint(self.db.as_ref(), &self.dir, &mut epoch) {
             tracing::warn!(error = %e, "no checkpoint at close (the vault is consistent as of the last one)");
         }
     }
 }
 
-pub struct SledStore {
+/// The embedded store on engine `E`.
+pub struct EmbeddedStore<E: Engine> {
     shared: Arc<Shared>,
-    options: SledOptions,
+    options: EngineOptions,
     /// The open database; replaced when a broken store reopens (None only
     /// if that reopen failed).
-    engine: RwLock<Option<Arc<Engine>>>,
+    engine: RwLock<Option<Arc<Opened<E>>>>,
     /// Striped locks that serialise updates touching the same keys.
     locks: Box<[Mutex<()>]>,
     /// When a reopen was last tried.
     last_reopen: Mutex<Option<Instant>>,
 }
 
-impl SledStore {
+/// The store on sled (vaults made before fjall was the default).
+pub type SledStore = EmbeddedStore<Sled>;
+/// The store on fjall.
+pub type FjallStore = EmbeddedStore<Fjall>;
+
+/// The embedded engines. A data directory keeps the engine it was made
+/// with: the configured one only chooses for a new directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// An LSM tree: the default for new vaults (BENCHMARKS.md: 1.4-1.6x
+    /// the writes a second of sled, a quarter of its disk, flat to 10 M
+    /// cards).
+    #[default]
+    Fjall,
+    /// sled 0.34, the engine of earlier vaults.
+    Sled,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Fjall => Fjall::NAME,
+            EngineKind::Sled => Sled::NAME,
+        }
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fjall" => Ok(EngineKind::Fjall),
+            "sled" => Ok(EngineKind::Sled),
+            other => Err(format!("unknown engine {other:?}: expected fjall or sled")),
+        }
+    }
+}
+
+/// The file in a data directory that names its engine.
+pub const ENGINE_FILE: &str = "vcn-engine";
+
+/// The engine of the vault in `dir`: the one its [`ENGINE_FILE`] names, or
+/// for a directory made before that file, the one whose files are there;
+/// None for a directory with no vault yet.
+pub fn engine_of(dir: &Path) -> Result<Option<EngineKind>, StoreError> {
+    let path = dir.join(ENGINE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            return t
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StoreError::Unavailable(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    }
+    let has = |markers: &[&str]| markers.iter().any(|m| dir.join(m).exists());
+    Ok(if has(sled_engine::MARKERS) {
+        Some(EngineKind::Sled)
+    } else if has(fjall_engine::MARKERS) {
+        Some(EngineKind::Fjall)
+    } else {
+        None
+    })
+}
+
+/// Opens the vault in `dir` on its own engine, or creates one on `new`
+/// (and records which). Asking for another engine than an existing vault's
+/// is not an error: the vault is opened as what it is, and a warning says so.
+pub fn open(
+    dir: &Path,
+    new: EngineKind,
+    options: &EngineOptions,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let existing = engine_of(dir)?;
+    let kind = existing.unwrap_or(new);
+    if kind != new {
+        tracing::warn!(
+            dir = %dir.display(),
+            engine = kind.name(),
+            configured = new.name(),
+            "the data directory holds a vault of another engine than the configured one, which applies to new vaults only: opening it as it is"
+        );
+    }
+    let store: Arc<dyn Store> = match kind {
+        EngineKind::Fjall => Arc::new(FjallStore::open(dir, options)?),
+        EngineKind::Sled => Arc::new(SledStore::open(dir, options)?),
+    };
+    if existing.is_none() {
+        record_engine(dir, kind)?;
+    }
+    tracing::info!(dir = %dir.display(), engine = kind.name(), "vault opened");
+    Ok(store)
+}
+
+/// Writes [`ENGINE_FILE`], durably (file and directory synced).
+fn record_engine(dir: &Path, kind: EngineKind) -> Result<(), StoreError> {
+    let write = || -> std::io::Result<()> {
+        let tmp = dir.join(format!("{ENGINE_FILE}.tmp"));
+        std::fs::write(&tmp, format!("{}\n", kind.name()))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(ENGINE_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot record the vault's engine in {}: {e}",
+            dir.join(ENGINE_FILE).display()
+        ))
+    })
+}
+
+impl<E: Engine> EmbeddedStore<E> {
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, options: &SledOptions) -> Result<SledStore, StoreError> {
+    pub fn open(dir: &Path, options: &EngineOptions) -> Result<EmbeddedStore<E>, StoreError> {
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             barrier: RwLock::new(()),
@@ -410,9 +616,9 @@ impl SledStore {
             broken_reason: Mutex::new(String::new()),
             low_space: AtomicBool::new(false),
         });
-        let engine = Engine::open(&shared, options)?;
+        let engine = Opened::<E>::open(&shared, options)?;
         ensure_reserve(dir);
-        Ok(SledStore {
+        Ok(EmbeddedStore {
             shared,
             options: options.clone(),
             engine: RwLock::new(Some(Arc::new(engine))),
@@ -421,7 +627,7 @@ impl SledStore {
         })
     }
 
-    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+    fn engine(&self) -> Result<Arc<Opened<E>>, StoreError> {
         self.engine
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -435,9 +641,7 @@ impl SledStore {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.engine()
-            .map(|e| e.db.size_on_disk().unwrap_or(0))
-            .unwrap_or(0)
+        self.engine().and_then(|e| e.db.size_on_disk()).unwrap_or(0)
     }
 
     /// Rounds and updates committed so far by the open engine (updates per
@@ -486,13 +690,13 @@ impl SledStore {
         }
     }
 
-    /// Replaces the engine with a freshly opened one: sled recovers to its
+    /// Replaces the engine with a freshly opened one: it recovers to its
     /// last durable state and forgets its write error.
     fn reopen(&self) -> Result<(), StoreError> {
         let mut slot = self.engine.write().unwrap_or_else(|e| e.into_inner());
-        // Drop the failed engine first: sled holds its file lock until then.
+        // Drop the failed engine first: it holds its file lock until then.
         let old = slot.take().map(|e| Arc::downgrade(&e));
-        match Engine::open(&self.shared, &self.options) {
+        match Opened::<E>::open(&self.shared, &self.options) {
             Ok(engine) => {
                 *slot = Some(Arc::new(engine));
                 Ok(())
@@ -514,18 +718,30 @@ impl SledStore {
     /// A read, once more on a reopened engine when it failed on a broken
     /// one: after a write error sled may fail a read that would have had to
     /// tidy a page (a write), while a freshly opened engine reads from disk.
-    fn read<T>(&self, op: impl Fn(&sled::Db) -> sled::Result<T>) -> Result<T, StoreError> {
+    fn read<T>(&self, op: impl Fn(&E) -> Result<T, StoreError>) -> Result<T, StoreError> {
         match op(&self.engine()?.db) {
             Ok(v) => Ok(v),
-            Err(e) => match io_error(e) {
-                StoreError::Unavailable(reason) => {
-                    self.shared.mark_broken(&StoreError::Unavailable(reason));
-                    tracing::warn!("a read failed on the broken vault: reopening it for reads");
-                    self.reopen()?;
-                    op(&self.engine()?.db).map_err(io_error)
-                }
-                corrupt => Err(corrupt),
-            },
+            Err(StoreError::Unavailable(reason)) => {
+                self.shared.mark_broken(&StoreError::Unavailable(reason));
+                tracing::warn!("a read failed on the broken vault: reopening it for reads");
+                self.reopen()?;
+                op(&self.engine()?.db)
+            }
+            Err(corrupt) => Err(corrupt),
+        }
+    }
+
+    /// A time before which every update this store has begun is applied
+    /// (visible to `scan`) or has failed: the pending audit entries their
+    /// decisions wrote, whose keys begin with the time of the decision, are
+    /// all in the engine below it. Updates begin after this call or are
+    /// counted in it. A wall-clock step backwards breaks the promise, so
+    /// the sealer still scans everything now and then.
+    pub fn settled_before(&self) -> SystemTime {
+        let now = SystemTime::now();
+        match self.engine() {
+            Ok(e) => e.commit.pending().settled_before(now),
+            Err(_) => now,
         }
     }
 
@@ -546,10 +762,14 @@ impl SledStore {
             .collect();
         // Queued values first. No other update can queue these keys while
         // we hold their stripes, and the committer removes a value from the
-        // overlay only after applying it to sled, so a miss here is found
-        // in sled.
+        // overlay only after applying it to the engine, so a miss here is
+        // found in the engine.
+        let mut deciding = Deciding {
+            commit: &engine.commit,
+            id: None,
+        };
         let (mut values, generation) = {
-            let p = engine.commit.pending();
+            let mut p = engine.commit.pending();
             if let Some(e) = &p.broken {
                 return Err(e.clone());
             }
@@ -557,20 +777,27 @@ impl SledStore {
                 .iter()
                 .map(|k| p.overlay.get(k).map(|(_, v)| v.clone()))
                 .collect();
+            let id = p.next_decision;
+            p.next_decision += 1;
+            p.deciding.insert(id, SystemTime::now());
+            deciding.id = Some(id);
             (values, p.generation)
         };
         for (k, v) in keys.iter().zip(values.iter_mut()) {
             if v.is_none() {
-                let read = engine
-                    .db
-                    .get(k)
-                    .map_err(|e| self.shared.broke(io_error(e)))?;
+                let read = engine.db.get(k).map_err(|e| self.shared.broke(e))?;
                 *v = Some(read.map(|v| v.to_vec()));
             }
         }
         let values: Vec<Option<Vec<u8>>> = values.into_iter().map(Option::flatten).collect();
         let writes = decide(&values);
         let mut p = engine.commit.pending();
+        // Out of `deciding` under this lock: queued below, or never.
+        let began = deciding
+            .id
+            .take()
+            .and_then(|id| p.deciding.remove(&id))
+            .unwrap_or_else(SystemTime::now);
         if let Some(e) = &p.broken {
             return Err(e.clone());
         }
@@ -599,6 +826,7 @@ impl SledStore {
             p.writes.push(w);
         }
         p.updates += 1;
+        p.collecting_since = Some(p.collecting_since.map_or(began, |t| t.min(began)));
         let waiter = p.done.subscribe();
         let wake = p.idle;
         drop(p);
@@ -606,6 +834,22 @@ impl SledStore {
             engine.commit.wake.notify_one();
         }
         Ok(Some(waiter))
+    }
+}
+
+/// An update's entry in [`Pending::deciding`] while it reads and decides:
+/// removed when dropped (an error, a panic in the decision) unless `stage`
+/// already took it out under the lock it queues under.
+struct Deciding<'a> {
+    commit: &'a Commit,
+    id: Option<u64>,
+}
+
+impl Drop for Deciding<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.commit.pending().deciding.remove(&id);
+        }
     }
 }
 
@@ -633,6 +877,8 @@ fn discard(commit: &Commit, done: &watch::Sender<Outcome>, err: StoreError, brok
         p.updates = 0;
         p.round += 1;
         p.taken = None;
+        p.collecting_since = None;
+        p.applying_since = None;
         if broken {
             p.broken = Some(err.clone());
         }
@@ -643,8 +889,8 @@ fn discard(commit: &Commit, done: &watch::Sender<Outcome>, err: StoreError, brok
 }
 
 /// The committer: apply each round as one batch, flush, wake its writers.
-fn commit_loop(
-    db: &sled::Db,
+fn commit_loop<E: Engine>(
+    db: &E,
     commit: &Commit,
     shared: &Shared,
     epoch: &AtomicU64,
@@ -680,6 +926,7 @@ fn commit_loop(
             let done = std::mem::replace(&mut p.done, watch::channel(None).0);
             p.taken = Some(done.subscribe());
             let updates = std::mem::take(&mut p.updates);
+            p.applying_since = p.collecting_since.take();
             gather.taken(updates);
             (round, std::mem::take(&mut p.writes), updates, done)
         };
@@ -687,23 +934,20 @@ fn commit_loop(
             discard(commit, &done, refusal, false);
             continue;
         }
-        let mut batch = sled::Batch::default();
-        for w in writes {
-            match w {
-                Write::Put(k, v) => batch.insert(k, v),
-                Write::Delete(k) => batch.remove(k),
-            }
-        }
         let applied = {
             let _shared = shared.barrier.read().unwrap_or_else(|e| e.into_inner());
-            db.apply_batch(batch)
+            db.apply(writes)
         };
         if let Err(e) = applied {
-            let refusal = shared.broke(io_error(e));
+            let refusal = shared.broke(e);
             discard(commit, &done, refusal, true);
             continue;
         }
-        commit.pending().overlay.retain(|_, (r, _)| *r != round);
+        {
+            let mut p = commit.pending();
+            p.overlay.retain(|_, (r, _)| *r != round);
+            p.applying_since = None;
+        }
         let started = Instant::now();
         let flushed = db.flush();
         if let Some(m) = crate::metrics::get() {
@@ -729,8 +973,7 @@ fn commit_loop(
             Err(e) => {
                 tracing::error!(error = %e, "flushing the vault to disk failed");
                 let refusal = shared.broke(StoreError::Unavailable(format!(
-                    "could not make the write durable: {}",
-                    io_error(e)
+                    "could not make the write durable: {e}"
                 )));
                 discard(commit, &done, refusal, true);
                 // Do not spin on a failing disk.
@@ -740,41 +983,10 @@ fn commit_loop(
     }
 }
 
-fn io_error(e: sled::Error) -> StoreError {
-    match e {
-        sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::Unavailable(
-            "the data directory's filesystem is full (no space left on device): free space or grow it".into(),
-        ),
-        other => StoreError::Unavailable(other.to_string()),
-    }
-}
-
-fn is_lock_error(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
-}
-
-fn describe_open_error(dir: &Path, e: sled::Error) -> StoreError {
-    let msg = e.to_string();
-    if is_lock_error(&e) {
-        return StoreError::Unavailable(format!(
-            "the data directory {} is in use by another process (is another `vcn serve` running?)",
-            dir.display()
-        ));
-    }
-    match e {
-        sled::Error::Corruption { .. } => StoreError::Corrupt(format!(
-            "the vault in {} is corrupt ({msg}); restore it from a backup",
-            dir.display()
-        )),
-        _ => StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display())),
-    }
-}
-
 #[async_trait]
-impl Store for SledStore {
+impl<E: Engine> Store for EmbeddedStore<E> {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.read(|db| db.get(key))?.map(|v| v.to_vec()))
+        self.read(|db| db.get(key))
     }
 
     async fn scan(
@@ -783,25 +995,7 @@ impl Store for SledStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.read(|db| {
-            let mut out = Vec::new();
-            let iter = match after {
-                Some(a) => {
-                    let mut start = a.to_vec();
-                    start.push(0);
-                    db.range(start..)
-                }
-                None => db.range(prefix.to_vec()..),
-            };
-            for item in iter {
-                let (k, v) = item?;
-                if !k.starts_with(prefix) || out.len() >= limit {
-                    break;
-                }
-                out.push((k.to_vec(), v.to_vec()));
-            }
-            Ok(out)
-        })
+        self.read(|db| db.scan(prefix, after, limit))
     }
 
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
@@ -818,17 +1012,15 @@ impl Store for SledStore {
             .barrier
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        let mut n = 0;
-        for item in engine.db.iter() {
-            let (k, v) = item.map_err(io_error)?;
-            sink(&k, &v)?;
-            n += 1;
-        }
-        Ok(n)
+        engine.db.export(sink)
     }
 
     async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
-        Ok(Some(self.engine()?.db.size_on_disk().map_err(io_error)?))
+        Ok(Some(self.engine()?.db.size_on_disk()?))
+    }
+
+    fn settled_before(&self) -> Option<SystemTime> {
+        Some(EmbeddedStore::settled_before(self))
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
@@ -843,15 +1035,13 @@ impl Store for SledStore {
         };
         match waiter {
             // Nothing queued or in flight: flush anyway (cheap when clean),
-            // on a blocking thread, for what sled recovered or was given
-            // outside rounds.
+            // on a blocking thread, for what the engine recovered or was
+            // given outside rounds.
             None => {
                 let db = engine.db.clone();
                 tokio::task::spawn_blocking(move || db.flush())
                     .await
                     .map_err(|e| StoreError::Unavailable(format!("flush task failed: {e}")))?
-                    .map(|_| ())
-                    .map_err(io_error)
             }
             some => wait_round(some).await,
         }
@@ -866,11 +1056,10 @@ mod tests {
         Write::Put(k.as_bytes().to_vec(), v.as_bytes().to_vec())
     }
 
-    #[tokio::test]
-    async fn update_reads_decides_and_persists_across_reopen() {
+    async fn update_reads_decides_and_persists_across_reopen<E: Engine>() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+            let s = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap();
             let keys = vec![b"a".to_vec()];
             let mut seen = Vec::new();
             s.update(&keys, &mut |v| {
@@ -887,15 +1076,14 @@ mod tests {
             .await
             .unwrap();
         }
-        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let s = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap();
         assert_eq!(s.get(b"a").await.unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.get(b"b").await.unwrap(), None);
     }
 
-    #[tokio::test]
-    async fn scan_is_prefix_bounded_and_pages() {
+    async fn scan_is_prefix_bounded_and_pages<E: Engine>() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let s = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap();
         s.update(&[], &mut |_| {
             vec![
                 put("o/a1", ""),
@@ -930,8 +1118,7 @@ mod tests {
     /// Updates over overlapping pairs of keys, many of them decided on
     /// values still queued for the committer: the total never changes, and
     /// what was acknowledged is what a reopened store holds.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn transfers_between_overlapping_keys_keep_the_total_across_reopen() {
+    async fn transfers_between_overlapping_keys_keep_the_total_across_reopen<E: Engine>() {
         let dir = tempfile::tempdir().unwrap();
         let keys: Vec<Vec<u8>> = (0..5).map(|i| format!("acct{i}").into_bytes()).collect();
         let read = |v: &Option<Vec<u8>>| -> i64 {
@@ -939,7 +1126,8 @@ mod tests {
                 .map_or(1000, |b| std::str::from_utf8(b).unwrap().parse().unwrap())
         };
         {
-            let s = Arc::new(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
+            let s =
+                Arc::new(EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap());
             let mut tasks = Vec::new();
             for t in 0..12usize {
                 let (s, keys) = (s.clone(), keys.clone());
@@ -976,7 +1164,7 @@ mod tests {
             let st = s.stats();
             assert!(st.updates == 384 && st.rounds <= st.updates, "{st:?}");
         }
-        let s = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let s = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap();
         let mut total = 0;
         for k in &keys {
             total += read(&s.get(k).await.unwrap());
@@ -989,14 +1177,13 @@ mod tests {
 
     /// The commit delay: a writer alone never waits for it; writers
     /// arriving together get rounds that gathered for it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn a_busy_store_lets_rounds_gather_and_a_lone_writer_never_waits() {
+    async fn a_busy_store_lets_rounds_gather_and_a_lone_writer_never_waits<E: Engine>() {
         let dir = tempfile::tempdir().unwrap();
-        let options = SledOptions {
+        let options = EngineOptions {
             commit_delay: Duration::from_millis(50),
-            ..SledOptions::default()
+            ..EngineOptions::default()
         };
-        let s = Arc::new(SledStore::open(dir.path(), &options).unwrap());
+        let s = Arc::new(EmbeddedStore::<E>::open(dir.path(), &options).unwrap());
         for i in 0..5 {
             s.update(&[format!("lone{i}").into_bytes()], &mut |_| {
                 vec![put(&format!("lone{i}"), "x")]
@@ -1039,10 +1226,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_updates_of_one_key_never_lose_an_increment() {
+    async fn concurrent_updates_of_one_key_never_lose_an_increment<E: Engine>() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
+        let s = Arc::new(EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap());
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let s = s.clone();
@@ -1069,5 +1255,117 @@ mod tests {
             "every write was flushed before its reply"
         );
         assert!(stats.rounds <= 400);
+    }
+
+    /// An update still deciding holds `settled_before` at or before the
+    /// time it began, whatever completes meanwhile; once it is applied the
+    /// store is settled up to now again.
+    async fn settled_before_waits_for_an_update_still_deciding<E: Engine>() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap());
+        let before = SystemTime::now();
+        assert!(
+            s.settled_before() >= before,
+            "nothing in flight: settled up to now"
+        );
+        let (began_tx, began_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let slow = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.update(&[b"slow".to_vec()], &mut |_| {
+                    let _ = began_tx.send(());
+                    let _ = release_rx.lock().unwrap().recv();
+                    vec![put("slow", "1")]
+                })
+                .await
+                .unwrap();
+            })
+        };
+        tokio::task::spawn_blocking(move || began_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let deciding = SystemTime::now();
+        // Another update completes meanwhile: the slow one still holds the
+        // mark back.
+        s.update(&[b"fast".to_vec()], &mut |_| vec![put("fast", "1")])
+            .await
+            .unwrap();
+        let mark = s.settled_before();
+        assert!(
+            before <= mark && mark <= deciding,
+            "{mark:?} should be when the slow update began, between {before:?} and {deciding:?}"
+        );
+        release_tx.send(()).unwrap();
+        slow.await.unwrap();
+        let after = SystemTime::now();
+        assert!(s.settled_before() >= after);
+        assert_eq!(s.get(b"slow").await.unwrap(), Some(b"1".to_vec()));
+    }
+
+    /// A second store on an open data directory is refused, saying why.
+    async fn a_directory_in_use_is_refused<E: Engine>() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default()).unwrap();
+        let err = EmbeddedStore::<E>::open(dir.path(), &EngineOptions::default())
+            .err()
+            .expect("a second open must fail");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+    }
+
+    /// Every test above, on each engine.
+    macro_rules! on_both_engines {
+        ($( [$($flavor:tt)*] $name:ident ),* $(,)?) => {
+            mod on_fjall {
+                $( #[tokio::test $($flavor)*] async fn $name() { super::$name::<super::Fjall>().await } )*
+            }
+            mod on_sled {
+                $( #[tokio::test $($flavor)*] async fn $name() { super::$name::<super::Sled>().await } )*
+            }
+        };
+    }
+
+    on_both_engines!(
+        [] update_reads_decides_and_persists_across_reopen,
+        [] scan_is_prefix_bounded_and_pages,
+        [(flavor = "multi_thread", worker_threads = 4)] transfers_between_overlapping_keys_keep_the_total_across_reopen,
+        [(flavor = "multi_thread", worker_threads = 4)] a_busy_store_lets_rounds_gather_and_a_lone_writer_never_waits,
+        [(flavor = "multi_thread", worker_threads = 4)] concurrent_updates_of_one_key_never_lose_an_increment,
+        [(flavor = "multi_thread", worker_threads = 4)] settled_before_waits_for_an_update_still_deciding,
+        [] a_directory_in_use_is_refused,
+    );
+
+    /// A new directory records its engine; an existing one opens as what
+    /// it is whatever is asked, also one made before the record existed.
+    #[tokio::test]
+    async fn a_data_directory_keeps_the_engine_it_was_made_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        assert_eq!(engine_of(&d).unwrap(), None);
+        {
+            let s = open(&d, EngineKind::Sled, &EngineOptions::default()).unwrap();
+            s.update(&[], &mut |_| vec![put("k", "v")]).await.unwrap();
+        }
+        assert_eq!(engine_of(&d).unwrap(), Some(EngineKind::Sled));
+        {
+            let s = open(&d, EngineKind::Fjall, &EngineOptions::default()).unwrap();
+            assert_eq!(s.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+        }
+        // A vault from before the record: found by sled's own files.
+        std::fs::remove_file(d.join(ENGINE_FILE)).unwrap();
+        assert_eq!(engine_of(&d).unwrap(), Some(EngineKind::Sled));
+        let s = open(&d, EngineKind::Fjall, &EngineOptions::default()).unwrap();
+        assert_eq!(s.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+        drop(s);
+        // And the default makes fjall.
+        let f = dir.path().join("new");
+        open(&f, EngineKind::default(), &EngineOptions::default()).unwrap();
+        assert_eq!(engine_of(&f).unwrap(), Some(EngineKind::Fjall));
+        std::fs::write(f.join(ENGINE_FILE), "rocks\n").unwrap();
+        assert!(matches!(engine_of(&f), Err(StoreError::Corrupt(m)) if m.contains("rocks")));
     }
 }

@@ -1,0 +1,197 @@
+//! fjall 2 under the embedded store: the default engine of new vaults.
+//!
+//! An LSM tree: a round's batch goes to fjall's journal and memtable, and
+//! `persist(SyncData)` makes the journal durable (one write and sync per
+//! round, as with sled). Memtables are flushed to sorted segments and
+//! compacted by fjall's own threads, off the commit path.
+//!
+//! fjall does not lock its directory against a second process, so this
+//! engine holds an exclusive lock on [`LOCK_FILE`] for as long as it is
+//! open: two servers on one data directory would corrupt it.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+
+use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use fs2::FileExt;
+
+use crate::vault::embedded::{Engine, EngineOptions};
+use crate::vault::store::{Entries, ExportSink, StoreError, Write};
+
+/// Held locked while the engine is open.
+pub const LOCK_FILE: &str = "vcn-fjall.lock";
+/// fjall's own marker of a keyspace: there means the directory holds a
+/// fjall vault.
+pub const MARKERS: &[&str] = &["version"];
+/// The one partition the vault's keys live in.
+const PARTITION: &str = "vault";
+
+/// One open fjall keyspace, its partition, and the directory's lock.
+pub struct Fjall {
+    keyspace: Keyspace,
+    part: PartitionHandle,
+    /// The data directory (for its size on disk).
+    dir: std::path::PathBuf,
+    /// Dropped (unlocked) after the keyspace, which waits for fjall's
+    /// threads (fields drop in declaration order).
+    _lock: File,
+}
+
+/// fjall's block cache holds blocks decoded, at about twice the size it
+/// counts them at (heaptrack, BENCHMARKS.md): it is given this share of the
+/// configured cache, so the process stays near the setting.
+fn block_cache_bytes(options: &EngineOptions) -> u64 {
+    (options.cache_capacity / 2).max(8 * 1024 * 1024)
+}
+
+fn lock(dir: &Path) -> Result<File, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot create the data directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    // A reopen in the same process may find the previous engine still
+    // closing (its drop waits for fjall's threads): wait for it briefly.
+    for _ in 0..60 {
+        if file.try_lock_exclusive().is_ok() {
+            return Ok(file);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(crate::vault::embedded::in_use(dir))
+}
+
+impl Engine for Fjall {
+    const NAME: &'static str = "fjall";
+
+    fn open(dir: &Path, options: &EngineOptions) -> Result<Fjall, StoreError> {
+        let lock = lock(dir)?;
+        let keyspace = fjall::Config::new(dir)
+            .cache_size(block_cache_bytes(options))
+            .open()
+            .map_err(|e| describe_open_error(dir, e))?;
+        let part = keyspace
+            .open_partition(PARTITION, PartitionCreateOptions::default())
+            .map_err(|e| describe_open_error(dir, e))?;
+        Ok(Fjall {
+            keyspace,
+            part,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.part.get(key).map_err(io_error)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        let start = match after {
+            Some(a) => {
+                let mut start = a.to_vec();
+                start.push(0);
+                start
+            }
+            None => prefix.to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.part.range(start..) {
+            let (k, v) = item.map_err(io_error)?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let mut batch = self.keyspace.batch();
+        for w in writes {
+            match w {
+                Write::Put(k, v) => batch.insert(&self.part, k, v),
+                Write::Delete(k) => batch.remove(&self.part, k),
+            }
+        }
+        batch.commit().map_err(io_error)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.keyspace
+            .persist(PersistMode::SyncData)
+            .map_err(io_error)
+    }
+
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
+        // A snapshot: what later rounds write is not in it.
+        let mut n = 0;
+        for item in self.part.snapshot().iter() {
+            let (k, v) = item.map_err(|e| io_error(e.into()))?;
+            sink(&k, &v)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The data directory's files (fjall's own figure leaves out its
+    /// journals).
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(crate::vault::embedded::directory_size(&self.dir))
+    }
+}
+
+/// Whether an error is the disk filling up, however deep fjall wrapped it.
+fn is_storage_full(e: &fjall::Error) -> bool {
+    let io = match e {
+        fjall::Error::Io(io) => Some(io),
+        fjall::Error::Storage(fjall::LsmError::Io(io)) => Some(io),
+        _ => None,
+    };
+    io.is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+}
+
+fn io_error(e: fjall::Error) -> StoreError {
+    if is_storage_full(&e) {
+        return StoreError::Unavailable(crate::vault::embedded::DISK_FULL.into());
+    }
+    match e {
+        fjall::Error::Storage(
+            fjall::LsmError::InvalidChecksum(_)
+            | fjall::LsmError::Decompress(_)
+            | fjall::LsmError::Decode(_)
+            | fjall::LsmError::Unrecoverable,
+        )
+        | fjall::Error::Decode(_)
+        | fjall::Error::JournalRecovery(_) => StoreError::Corrupt(e.to_string()),
+        fjall::Error::Poisoned => StoreError::Unavailable(
+            "an earlier write to the vault failed, so it takes no more until it is reopened".into(),
+        ),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn describe_open_error(dir: &Path, e: fjall::Error) -> StoreError {
+    match io_error(e) {
+        StoreError::Corrupt(msg) => StoreError::Corrupt(format!(
+            "the vault in {} is corrupt ({msg}); restore it from a backup",
+            dir.display()
+        )),
+        StoreError::Unavailable(msg) => {
+            StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display()))
+        }
+    }
+}
