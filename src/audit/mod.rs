@@ -46,7 +46,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,11 @@ const PENDING: &[u8] = b"a/";
 const HEAD: &[u8] = b"m/audit-head/";
 /// Pending entries sealed per batch.
 const BATCH: usize = 256;
+/// How often the sealer scans every pending entry in the store instead of
+/// starting where the store says nothing earlier can still arrive
+/// ([`Store::settled_before`]): what a wall-clock step backwards would hide
+/// from the shorter scans is sealed late, never lost.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 /// Who acted, and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -401,6 +406,13 @@ impl Head {
 struct SealState {
     head: Head,
     undeleted: std::collections::HashSet<Vec<u8>>,
+    /// Where the next scan of the store's pending entries starts (after
+    /// this key; None: at the first). Every entry before it was sealed,
+    /// and none can still arrive there: deleted entries are not walked
+    /// again, which an LSM engine (fjall) keeps as tombstones a while.
+    resume: Option<Vec<u8>>,
+    /// When the store was last scanned from its first pending entry.
+    full_scan: Option<Instant>,
 }
 
 /// The sealer: chains pending entries into the log file.
@@ -468,6 +480,8 @@ impl Sealer {
             head: Arc::new(tokio::sync::Mutex::new(SealState {
                 head: stored.clone(),
                 undeleted: Default::default(),
+                resume: None,
+                full_scan: None,
             })),
             file: Arc::new(Mutex::new(None)),
         };
@@ -534,9 +548,25 @@ impl Sealer {
     /// Seals up to one batch of pending entries (from the store and from
     /// the journal); returns how many.
     pub async fn seal_once(&self) -> Result<usize, AuditError> {
+        self.seal_pass(false).await
+    }
+
+    /// One pass: the store's pending entries from the resume point, or from
+    /// the first when `full`, when the store cannot say where nothing more
+    /// can arrive, or every [`FULL_SCAN_EVERY`].
+    async fn seal_pass(&self, full: bool) -> Result<usize, AuditError> {
         let mut state = self.head.clone().lock_owned().await;
         let prefix = pending_prefix(&self.instance);
-        let mut pending = self.store.scan(&prefix, None, BATCH).await?;
+        // Read before the scan: whatever the scan misses began after it.
+        let settled = self.store.settled_before();
+        let full = full
+            || settled.is_none()
+            || state
+                .full_scan
+                .is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);
+        let after = if full { None } else { state.resume.clone() };
+        let mut pending = self.store.scan(&prefix, after.as_deref(), BATCH).await?;
+        let scanned_full_batch = pending.len() >= BATCH;
         let from = state.head.journal();
         let (mut journaled, mut journal_end) = match &self.journal {
             Some(j) => j.read(from, BATCH)?,
@@ -555,6 +585,7 @@ impl Sealer {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let store_limited = scanned_full_batch || cutoff.is_some();
         if let Some(cutoff) = &cutoff {
             pending.retain(|(k, _)| hex::encode(&k[prefix.len()..]) <= *cutoff);
             if let Some(n) = journaled.iter().position(|(e, _)| e.id > *cutoff) {
@@ -589,7 +620,31 @@ impl Sealer {
             });
             m.audit_lag_seconds.set(lag);
         }
+        // Where the next pass starts: no later than where the store says
+        // entries may still arrive, and, when this pass left entries for
+        // the next, no later than the last it seals.
+        let resume = {
+            let settled = settled.map(|t| {
+                let nanos = t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                [prefix.as_slice(), &nanos.to_be_bytes()].concat()
+            });
+            let this_pass = if store_limited {
+                pending.last().map(|(k, _)| k.clone()).or(after.clone())
+            } else {
+                settled.clone()
+            };
+            match (settled, this_pass) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            }
+        };
         if pending.is_empty() && batch.is_empty() && journal_end == from {
+            state.resume = resume;
+            if full {
+                state.full_scan = Some(Instant::now());
+            }
             return Ok(0);
         }
         let mut lines = Vec::new();
@@ -646,6 +701,10 @@ impl Sealer {
         for (k, _) in &pending {
             state.undeleted.remove(k);
         }
+        state.resume = resume;
+        if full {
+            state.full_scan = Some(Instant::now());
+        }
         // The head past them is durable: sealed generations can go.
         if let Some(j) = &self.journal {
             j.remove_before(next.journal_generation);
@@ -653,8 +712,17 @@ impl Sealer {
         Ok(count)
     }
 
-    /// Seals until nothing is pending (at shutdown).
+    /// Seals until nothing is pending, from the store's first pending
+    /// entry (at shutdown, and wherever everything must be in the log).
     pub async fn seal_all(&self) -> Result<(), AuditError> {
+        if self.seal_pass(true).await? > 0 {
+            self.seal_pending().await?;
+        }
+        Ok(())
+    }
+
+    /// Seals until a pass finds nothing (from the resume point).
+    async fn seal_pending(&self) -> Result<(), AuditError> {
         while self.seal_once().await? > 0 {}
         Ok(())
     }
@@ -663,7 +731,7 @@ impl Sealer {
     pub async fn run(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            if let Err(e) = self.seal_all().await {
+            if let Err(e) = self.seal_pending().await {
                 if let Some(m) = crate::metrics::get() {
                     m.audit_seal_failures.inc();
                 }
@@ -963,6 +1031,46 @@ mod tests {
     /// is left. A pass cancelled while its lines are being written must
     /// still complete whole (the head moves past them), or the next pass
     /// seals the same entries again.
+    /// Passes start where the store says nothing earlier can still arrive,
+    /// not after the last entry sealed: an entry decided before one that is
+    /// sealed, but committed after it (its update was slow), is sealed by
+    /// the next pass, not left behind until a full scan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_entry_committed_after_a_later_one_was_sealed_is_sealed_by_the_next_pass() {
+        let f = Fixture::new();
+        let (sealer, recorder) = f.open(DEFAULT_ROTATE).await;
+        let recorder = Arc::new(recorder);
+        f.record_in_store(&recorder, 0).await;
+        sealer.seal_once().await.unwrap();
+        let (began_tx, began_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let slow = {
+            let (chaos, recorder) = (f.chaos.clone(), recorder.clone());
+            tokio::spawn(async move {
+                chaos
+                    .update(&[b"slow".to_vec()], &mut |_| {
+                        let w = recorder.write(&Actor::system("test"), &event(1));
+                        let _ = began_tx.send(());
+                        let _ = release_rx.lock().unwrap().recv();
+                        vec![w]
+                    })
+                    .await
+                    .unwrap();
+            })
+        };
+        tokio::task::spawn_blocking(move || began_rx.recv().unwrap())
+            .await
+            .unwrap();
+        f.record_in_store(&recorder, 2).await;
+        assert_eq!(sealer.seal_once().await.unwrap(), 1);
+        assert_eq!(f.sealed(), [0, 2]);
+        release_tx.send(()).unwrap();
+        slow.await.unwrap();
+        assert_eq!(sealer.seal_once().await.unwrap(), 1, "the late entry");
+        assert_eq!(f.sealed(), [0, 2, 1], "sealed after the later one");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pass_cancelled_while_writing_completes_and_nothing_is_sealed_twice() {
         let f = Fixture::new();
