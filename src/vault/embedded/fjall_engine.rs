@@ -16,7 +16,7 @@ use std::time::Duration;
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use fs2::FileExt;
 
-use crate::vault::embedded::{Engine, EngineOptions};
+use crate::vault::embedded::{export_all, scan_start, take_prefixed, Engine, EngineOptions};
 use crate::vault::store::{Entries, ExportSink, StoreError, Write};
 
 /// Held locked while the engine is open.
@@ -100,23 +100,8 @@ impl Engine for Fjall {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Entries, StoreError> {
-        let start = match after {
-            Some(a) => {
-                let mut start = a.to_vec();
-                start.push(0);
-                start
-            }
-            None => prefix.to_vec(),
-        };
-        let mut out = Vec::new();
-        for item in self.part.range(start..) {
-            let (k, v) = item.map_err(io_error)?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        let start = scan_start(prefix, after);
+        take_prefixed(self.part.range(start..), prefix, limit, io_error)
     }
 
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -138,13 +123,7 @@ impl Engine for Fjall {
 
     fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
         // A snapshot: what later rounds write is not in it.
-        let mut n = 0;
-        for item in self.part.snapshot().iter() {
-            let (k, v) = item.map_err(|e| io_error(e.into()))?;
-            sink(&k, &v)?;
-            n += 1;
-        }
-        Ok(n)
+        export_all(self.part.snapshot().iter(), sink, |e| io_error(e.into()))
     }
 
     /// The data directory's files (fjall's own figure leaves out its

@@ -117,6 +117,56 @@ pub(crate) fn in_use(dir: &Path) -> StoreError {
 pub(crate) const DISK_FULL: &str =
     "the data directory's filesystem is full (no space left on device): free space or grow it";
 
+/// The first key a scan of `prefix` after `after` (exclusive) can return.
+pub(crate) fn scan_start(prefix: &[u8], after: Option<&[u8]>) -> Vec<u8> {
+    match after {
+        Some(a) => [a, &[0]].concat(),
+        None => prefix.to_vec(),
+    }
+}
+
+/// An engine's ordered iterator from [`scan_start`], cut where keys stop
+/// starting with `prefix` or at `limit` entries.
+pub(crate) fn take_prefixed<K, V, Err>(
+    iter: impl Iterator<Item = Result<(K, V), Err>>,
+    prefix: &[u8],
+    limit: usize,
+    error: impl Fn(Err) -> StoreError,
+) -> Result<Entries, StoreError>
+where
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    let mut out = Vec::new();
+    for item in iter {
+        let (k, v) = item.map_err(&error)?;
+        if !k.as_ref().starts_with(prefix) || out.len() >= limit {
+            break;
+        }
+        out.push((k.as_ref().to_vec(), v.as_ref().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Hands every entry of an engine's ordered iterator to `sink`; how many.
+pub(crate) fn export_all<K, V, Err>(
+    iter: impl Iterator<Item = Result<(K, V), Err>>,
+    sink: &mut ExportSink<'_>,
+    error: impl Fn(Err) -> StoreError,
+) -> Result<u64, StoreError>
+where
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    let mut n = 0;
+    for item in iter {
+        let (k, v) = item.map_err(&error)?;
+        sink(k.as_ref(), v.as_ref())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The bytes of the files under `dir` (0 for what cannot be read).
 pub(crate) fn directory_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::vault::embedded::{Engine, EngineOptions};
+use crate::vault::embedded::{export_all, scan_start, take_prefixed, Engine, EngineOptions};
 use crate::vault::store::{Entries, ExportSink, StoreError, Write};
 
 /// One open sled database.
@@ -53,23 +53,8 @@ impl Engine for Sled {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Entries, StoreError> {
-        let mut out = Vec::new();
-        let iter = match after {
-            Some(a) => {
-                let mut start = a.to_vec();
-                start.push(0);
-                self.db.range(start..)
-            }
-            None => self.db.range(prefix.to_vec()..),
-        };
-        for item in iter {
-            let (k, v) = item.map_err(io_error)?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        let start = scan_start(prefix, after);
+        take_prefixed(self.db.range(start..), prefix, limit, io_error)
     }
 
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -88,13 +73,7 @@ impl Engine for Sled {
     }
 
     fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for item in self.db.iter() {
-            let (k, v) = item.map_err(io_error)?;
-            sink(&k, &v)?;
-            n += 1;
-        }
-        Ok(n)
+        export_all(self.db.iter(), sink, io_error)
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
