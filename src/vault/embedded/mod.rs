@@ -183,6 +183,8 @@ pub(crate) fn directory_size(dir: &Path) -> u64 {
 }
 
 const STRIPES: usize = 4096;
+/// A commit round taking this long (its writers all waiting) is logged.
+const SLOW_ROUND: Duration = Duration::from_millis(250);
 
 /// Free space the data directory's filesystem must keep for writes to be
 /// taken: a round is refused rather than let the engine run out of room
@@ -984,10 +986,12 @@ fn commit_loop<E: Engine>(
             discard(commit, &done, refusal, false);
             continue;
         }
+        let applying = Instant::now();
         let applied = {
             let _shared = shared.barrier.read().unwrap_or_else(|e| e.into_inner());
             db.apply(writes)
         };
+        let apply_took = applying.elapsed();
         if let Err(e) = applied {
             let refusal = shared.broke(e);
             discard(commit, &done, refusal, true);
@@ -1000,8 +1004,19 @@ fn commit_loop<E: Engine>(
         }
         let started = Instant::now();
         let flushed = db.flush();
+        let flush_took = started.elapsed();
         if let Some(m) = crate::metrics::get() {
-            m.flush_duration.observe(started.elapsed().as_secs_f64());
+            m.flush_duration.observe(flush_took.as_secs_f64());
+        }
+        if apply_took + flush_took >= SLOW_ROUND {
+            // Every writer of the round waited this long: say where.
+            tracing::warn!(
+                engine = E::NAME,
+                updates,
+                apply_ms = apply_took.as_millis() as u64,
+                flush_ms = flush_took.as_millis() as u64,
+                "a commit round was slow (apply: the engine's batch, including its own write stalls; flush: the sync)"
+            );
         }
         match flushed {
             Ok(_) => {
