@@ -68,9 +68,12 @@ const HEAD: &[u8] = b"m/audit-head/";
 const BATCH: usize = 256;
 /// How often the sealer scans every pending entry in the store instead of
 /// starting where the store says nothing earlier can still arrive
-/// ([`Store::settled_before`]): what a wall-clock step backwards would hide
-/// from the shorter scans is sealed late, never lost.
-const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
+/// ([`Store::settled_before`]), besides at start, at shutdown and after the
+/// wall clock was seen to step back: a backstop, so what a clock step
+/// hid from the shorter scans is sealed late, never lost. Rare, because on
+/// an LSM (fjall) a scan from the first walks every entry deleted since the
+/// last compaction: seconds after millions of writes.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(3600);
 
 /// Who acted, and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,6 +416,9 @@ struct SealState {
     resume: Option<Vec<u8>>,
     /// When the store was last scanned from its first pending entry.
     full_scan: Option<Instant>,
+    /// The wall-clock time the last pass began: a pass that begins
+    /// earlier saw the clock step back, and scans from the first.
+    last_pass: Option<SystemTime>,
 }
 
 /// The sealer: chains pending entries into the log file.
@@ -482,6 +488,7 @@ impl Sealer {
                 undeleted: Default::default(),
                 resume: None,
                 full_scan: None,
+                last_pass: None,
             })),
             file: Arc::new(Mutex::new(None)),
         };
@@ -559,8 +566,17 @@ impl Sealer {
         let prefix = pending_prefix(&self.instance);
         // Read before the scan: whatever the scan misses began after it.
         let settled = self.store.settled_before();
+        let now = SystemTime::now();
+        let clock_stepped_back = state.last_pass.is_some_and(|last| now < last);
+        if clock_stepped_back {
+            tracing::warn!(
+                "the wall clock stepped back: the audit sealer scans every pending entry"
+            );
+        }
+        state.last_pass = Some(now);
         let full = full
             || settled.is_none()
+            || clock_stepped_back
             || state
                 .full_scan
                 .is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);

@@ -1054,13 +1054,22 @@ impl<E: Engine> Store for EmbeddedStore<E> {
         self.read(|db| db.get(key))
     }
 
+    /// On a blocking thread: a scan may walk far (fjall keeps deleted keys
+    /// as tombstones until compaction, and the sealer's scans from the
+    /// first pending entry walk every one), and must not hold up a tokio
+    /// worker meanwhile. A failure is tried once more the way `get` is.
     async fn scan(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.read(|db| db.scan(prefix, after, limit))
+    ) -> Result<Entries, StoreError> {
+        let engine = self.engine()?;
+        let (p, a) = (prefix.to_vec(), after.map(<[u8]>::to_vec));
+        match tokio::task::spawn_blocking(move || engine.db.scan(&p, a.as_deref(), limit)).await {
+            Ok(Ok(entries)) => Ok(entries),
+            _ => self.read(|db| db.scan(prefix, after, limit)),
+        }
     }
 
     async fn update(&self, keys: &[Vec<u8>], decide: &mut Decide<'_>) -> Result<(), StoreError> {
