@@ -691,11 +691,6 @@ impl<E: Engine> EmbeddedStore<E> {
             })
     }
 
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.engine().and_then(|e| e.db.size_on_disk()).unwrap_or(0)
-    }
-
     /// Rounds and updates committed so far by the open engine (updates per
     /// round is how well group commit shares its syncs).
     pub fn stats(&self) -> CommitStats {
