@@ -252,11 +252,13 @@ fn read_epoch_file(dir: &Path) -> Result<Option<u64>, StoreError> {
     }
 }
 
-fn write_epoch_file(dir: &Path, epoch: u64) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{epoch}\n"))?;
+/// Replaces `dir/name` with the one line `line`, durably: written beside
+/// it, synced, renamed over it, and the directory synced.
+fn replace_file(dir: &Path, name: &str, line: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, format!("{line}\n"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(EPOCH_FILE))?;
+    std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -271,7 +273,7 @@ fn checkpoint<E: Engine>(db: &E, dir: &Path, epoch: &mut u64) -> Result<(), Stri
     )])
     .map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
-    write_epoch_file(dir, next).map_err(|e| e.to_string())?;
+    replace_file(dir, EPOCH_FILE, &next.to_string()).map_err(|e| e.to_string())?;
     *epoch = next;
     Ok(())
 }
@@ -643,14 +645,7 @@ pub fn open(
 
 /// Writes [`ENGINE_FILE`], durably (file and directory synced).
 fn record_engine(dir: &Path, kind: EngineKind) -> Result<(), StoreError> {
-    let write = || -> std::io::Result<()> {
-        let tmp = dir.join(format!("{ENGINE_FILE}.tmp"));
-        std::fs::write(&tmp, format!("{}\n", kind.name()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(ENGINE_FILE))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
+    replace_file(dir, ENGINE_FILE, kind.name()).map_err(|e| {
         StoreError::Unavailable(format!(
             "cannot record the vault's engine in {}: {e}",
             dir.join(ENGINE_FILE).display()
