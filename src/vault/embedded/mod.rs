@@ -762,15 +762,21 @@ impl<E: Engine> EmbeddedStore<E> {
     /// tidy a page (a write), while a freshly opened engine reads from disk.
     fn read<T>(&self, op: impl Fn(&E) -> Result<T, StoreError>) -> Result<T, StoreError> {
         match op(&self.engine()?.db) {
-            Ok(v) => Ok(v),
             Err(StoreError::Unavailable(reason)) => {
-                self.shared.mark_broken(&StoreError::Unavailable(reason));
-                tracing::warn!("a read failed on the broken vault: reopening it for reads");
-                self.reopen()?;
+                self.reopen_for_reads(reason)?;
                 op(&self.engine()?.db)
             }
-            Err(corrupt) => Err(corrupt),
+            other => other,
         }
+    }
+
+    /// After a read failed with `reason`: the vault is marked broken (no
+    /// writes until it can take them) and reopened, for the read to be
+    /// tried once more.
+    fn reopen_for_reads(&self, reason: String) -> Result<(), StoreError> {
+        self.shared.mark_broken(&StoreError::Unavailable(reason));
+        tracing::warn!("a read failed on the broken vault: reopening it for reads");
+        self.reopen()
     }
 
     /// A time before which every update this store has begun is applied
@@ -1047,18 +1053,32 @@ impl<E: Engine> Store for EmbeddedStore<E> {
     /// On a blocking thread: a scan may walk far (fjall keeps deleted keys
     /// as tombstones until compaction, and the sealer's scans from the
     /// first pending entry walk every one), and must not hold up a tokio
-    /// worker meanwhile. A failure is tried once more the way `get` is.
+    /// worker meanwhile. A failure is tried once more after a reopen, the
+    /// way `read` does it, and on a blocking thread too.
     async fn scan(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Entries, StoreError> {
-        let engine = self.engine()?;
-        let (p, a) = (prefix.to_vec(), after.map(<[u8]>::to_vec));
-        match tokio::task::spawn_blocking(move || engine.db.scan(&p, a.as_deref(), limit)).await {
-            Ok(Ok(entries)) => Ok(entries),
-            _ => self.read(|db| db.scan(prefix, after, limit)),
+        // The outer error: the scan's task itself failed (it panicked), not
+        // the engine, so there is nothing to reopen.
+        let scan = |engine: Arc<Opened<E>>| {
+            let (p, a) = (prefix.to_vec(), after.map(<[u8]>::to_vec));
+            async move {
+                tokio::task::spawn_blocking(move || engine.db.scan(&p, a.as_deref(), limit))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("a scan of the vault failed: {e}"))
+                    })
+            }
+        };
+        match scan(self.engine()?).await? {
+            Err(StoreError::Unavailable(reason)) => {
+                self.reopen_for_reads(reason)?;
+                scan(self.engine()?).await?
+            }
+            other => other,
         }
     }
 
