@@ -7,6 +7,7 @@
 //! | `vcn_rpc_duration_seconds{method,code}` | time to the response headers of each RPC |
 //! | `vcn_cards{state}` | cards by state (counted every minute) |
 //! | `vcn_vault_size_bytes` | the storage engine's size on disk |
+//! | `vcn_engine_memory_bytes{part}` | the embedded engine's memory outside its cache: `filters` (grows with the keys), `write_buffers` (bounded) |
 //! | `vcn_store_flush_duration_seconds` | one group-commit fsync of the embedded engine |
 //! | `vcn_store_update_duration_seconds` | one storage update, durable (PostgreSQL: the commit) |
 //! | `vcn_event_watchers` | WatchEvents streams open |
@@ -41,6 +42,9 @@ pub struct Metrics {
     pub rpc_duration: HistogramVec,
     pub cards: IntGaugeVec,
     pub vault_size_bytes: IntGauge,
+    /// The embedded engine's memory outside its block cache, by part: what
+    /// of the process's memory the cache setting does not bound.
+    pub engine_memory_bytes: IntGaugeVec,
     pub flush_duration: Histogram,
     pub update_duration: Histogram,
     pub event_watchers: IntGauge,
@@ -89,6 +93,13 @@ impl Metrics {
             "vcn_vault_size_bytes",
             "Size of the vault's storage on disk (embedded engine) or of its table (PostgreSQL)",
         )?;
+        let engine_memory_bytes = IntGaugeVec::new(
+            Opts::new(
+                "vcn_engine_memory_bytes",
+                "The embedded engine's memory outside its block cache: bloom filters (grow with the keys) and write buffers (bounded)",
+            ),
+            &["part"],
+        )?;
         let flush_duration = histogram(
             "vcn_store_flush_duration_seconds",
             "One group-commit flush (fsync) of the embedded engine",
@@ -101,6 +112,7 @@ impl Metrics {
         registry.register(Box::new(rpc_duration.clone()))?;
         registry.register(Box::new(cards.clone()))?;
         registry.register(Box::new(vault_size_bytes.clone()))?;
+        registry.register(Box::new(engine_memory_bytes.clone()))?;
         registry.register(Box::new(flush_duration.clone()))?;
         registry.register(Box::new(update_duration.clone()))?;
         registry.register(Box::new(event_watchers.clone()))?;
@@ -125,6 +137,7 @@ impl Metrics {
             rpc_duration,
             cards,
             vault_size_bytes,
+            engine_memory_bytes,
             flush_duration,
             update_duration,
             event_watchers,
@@ -216,8 +229,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Keeps `vcn_cards` and `vcn_vault_size_bytes` current: counts once at
-/// start, then every `every`.
+/// Keeps `vcn_cards`, `vcn_vault_size_bytes` and `vcn_engine_memory_bytes`
+/// current: counts once at start, then every `every`.
 pub async fn sample_vault(vault: Arc<crate::vault::Vault>, every: Duration) {
     let Some(m) = get() else { return };
     loop {
@@ -234,6 +247,16 @@ pub async fn sample_vault(vault: Arc<crate::vault::Vault>, every: Duration) {
         if let Ok(Some(bytes)) = vault.size_bytes().await {
             m.vault_size_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        if let Some(mem) = vault.engine_memory() {
+            for (part, bytes) in [
+                ("filters", mem.filters),
+                ("write_buffers", mem.write_buffers),
+            ] {
+                m.engine_memory_bytes
+                    .with_label_values(&[part])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
         }
         tokio::time::sleep(every).await;
     }
@@ -287,6 +310,10 @@ impl crate::vault::Store for Metered {
 
     async fn size_bytes(&self) -> Result<Option<u64>, crate::vault::StoreError> {
         self.0.size_bytes().await
+    }
+
+    fn memory(&self) -> Option<crate::vault::store::EngineMemory> {
+        self.0.memory()
     }
 
     fn settled_before(&self) -> Option<std::time::SystemTime> {

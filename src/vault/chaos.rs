@@ -77,6 +77,10 @@ impl Store for ChaosStore {
         self.inner.size_bytes().await
     }
 
+    fn memory(&self) -> Option<crate::vault::store::EngineMemory> {
+        self.inner.memory()
+    }
+
     async fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
         self.inner.export(sink).await
     }

@@ -1533,6 +1533,11 @@ impl Vault {
         Ok(self.store.size_bytes().await?)
     }
 
+    /// The engine's memory outside its block cache, when it can say.
+    pub fn engine_memory(&self) -> Option<store::EngineMemory> {
+        self.store.memory()
+    }
+
     /// Whether the storage engine can serve now (the health check).
     pub async fn ping(&self) -> Result<(), VaultError> {
         Ok(self.store.ping().await?)

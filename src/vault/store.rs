@@ -82,6 +82,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// What the engine keeps in memory outside its block cache, when it
+    /// can say (for metrics): the part of the process's memory that grows
+    /// with the vault instead of staying within `cache_capacity_mib`.
+    fn memory(&self) -> Option<EngineMemory> {
+        None
+    }
+
     /// A time before which every update this process has begun is visible
     /// to `scan` (or has failed), when the engine can say: the audit sealer
     /// starts its scan of pending entries there rather than at the first
@@ -89,6 +96,18 @@ pub trait Store: Send + Sync + 'static {
     fn settled_before(&self) -> Option<std::time::SystemTime> {
         None
     }
+}
+
+/// An embedded engine's memory outside its block cache, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineMemory {
+    /// Bloom filters, held whole in memory for every on-disk segment
+    /// (fjall 2): they grow with the number of keys, about 10 bits a key
+    /// in the deeper levels.
+    pub filters: u64,
+    /// Memtables, the active one and those sealed and waiting to be
+    /// flushed: bounded by the engine's write-buffer limit, not by size.
+    pub write_buffers: u64,
 }
 
 /// Entries (key, value) in key order, as a scan returns them.

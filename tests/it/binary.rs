@@ -747,6 +747,20 @@ fn metrics_and_json_logs_show_an_operator_what_happens() {
         sample(&text, "vcn_vault_size_bytes").unwrap_or(0.0) > 0.0,
         "{text}"
     );
+    if crate::engine::engine()
+        == crate::engine::Engine::Embedded(vcn::vault::embedded::EngineKind::Fjall)
+    {
+        // What the cache setting does not bound: the vault's first writes
+        // are in fjall's write buffer; no segment (no filter) yet.
+        assert!(
+            sample(&text, r#"vcn_engine_memory_bytes{part="write_buffers"}"#).unwrap_or(0.0) > 0.0,
+            "{text}"
+        );
+        assert!(
+            sample(&text, r#"vcn_engine_memory_bytes{part="filters"}"#).is_some(),
+            "{text}"
+        );
+    }
     assert!(http_get(metrics_port, "/nope").0.contains("404"));
     // The audit log keeps up: every operation's entry is sealed into the
     // file within moments (the sealer runs every 200 ms), and the lag

@@ -68,7 +68,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::vault::gather::{Gather, DEFAULT_COMMIT_DELAY};
-use crate::vault::store::{Decide, Entries, ExportSink, Store, StoreError, Write};
+use crate::vault::store::{Decide, EngineMemory, Entries, ExportSink, Store, StoreError, Write};
 
 pub mod fjall_engine;
 pub mod sled_engine;
@@ -103,6 +103,10 @@ pub trait Engine: Send + Sync + Sized + 'static {
     fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError>;
     /// Bytes the engine's files take.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+    /// Its memory outside the block cache, when it can say.
+    fn memory(&self) -> Option<EngineMemory> {
+        None
+    }
 }
 
 /// The refusal of a data directory another process has open.
@@ -1101,6 +1105,10 @@ impl<E: Engine> Store for EmbeddedStore<E> {
 
     async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
         Ok(Some(self.engine()?.db.size_on_disk()?))
+    }
+
+    fn memory(&self) -> Option<EngineMemory> {
+        self.engine().ok()?.db.memory()
     }
 
     fn settled_before(&self) -> Option<SystemTime> {
