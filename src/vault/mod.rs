@@ -30,9 +30,9 @@ use crate::vault::crypto::{CryptoError, Keyring, RandomDigits};
 use crate::vault::events::{Delivered, EventHub};
 use crate::vault::records::{
     append_events, card_key, decode, event_seq_key, funding_key, funding_prefix, idempotency_key,
-    kcv_key, owner_key, owner_prefix, pan_key, pan_prefix, reversal_key, txn_key, version_or_1,
-    CardRecord, EventKind, EventRecord, IdempotencyRecord, ReversalRecord, TxnRecord, CARD_PREFIX,
-    KCV_PREFIX, KEY_CHECK_VALUE,
+    index_value, kcv_key, owner_key, owner_prefix, pan_key, pan_prefix, parse_index_value,
+    reversal_key, txn_key, version_or_1, CardRecord, EventKind, EventRecord, IdempotencyRecord,
+    ReversalRecord, TxnRecord, CARD_PREFIX, KCV_PREFIX, KEY_CHECK_VALUE,
 };
 pub use crate::vault::store::{Store, StoreError, Write};
 
@@ -227,6 +227,32 @@ pub struct Detokenized {
     pub state: CardState,
 }
 
+/// What a card number's index entry says: the card, and its owner when
+/// the entry carries it (entries written before it did do not, and an
+/// owner that does not parse counts as absent: read it from the card).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Indexed {
+    id: CardId,
+    owner: Option<Owner>,
+}
+
+impl Indexed {
+    /// A number index value that is not a tombstone.
+    fn parse(value: &[u8]) -> Result<Indexed, VaultError> {
+        let (id, owner) = parse_index_value(value);
+        let id = std::str::from_utf8(id)
+            .ok()
+            .and_then(|s| CardId::parse("card_id", s).ok())
+            .ok_or_else(|| {
+                VaultError::Internal("a stored number index entry is unreadable".into())
+            })?;
+        let owner = owner
+            .and_then(|o| std::str::from_utf8(o).ok())
+            .and_then(|o| Owner::parse("owner", o).ok());
+        Ok(Indexed { id, owner })
+    }
+}
+
 /// How many numbers to draw before giving up on a crowded BIN.
 const MAX_NUMBER_DRAWS: usize = 32;
 
@@ -385,7 +411,7 @@ impl Vault {
     /// While several versions are loaded a re-encryption may move the entry
     /// from an old version to the newest between two reads, so a miss is
     /// checked once more (a card moves at most once per rotation).
-    async fn find_card(&self, pan: &Pan) -> Result<Option<CardId>, VaultError> {
+    async fn find_card(&self, pan: &Pan) -> Result<Option<Indexed>, VaultError> {
         let keys = self.keys();
         let passes = if keys.versions().count() > 1 { 2 } else { 1 };
         for _ in 0..passes {
@@ -393,15 +419,12 @@ impl Vault {
                 let idx = keys
                     .pan_index(v, pan)
                     .map_err(|e| VaultError::Internal(e.to_string()))?;
-                if let Some(id) = self.store.get(&pan_key(v, &idx)).await? {
-                    if purge::tombstone_until(&id).is_some() {
+                if let Some(value) = self.store.get(&pan_key(v, &idx)).await? {
+                    if purge::tombstone_until(&value).is_some() {
                         // A purged card's number: reserved, mapping to nothing.
                         return Ok(None);
                     }
-                    let id = String::from_utf8(id).unwrap_or_default();
-                    return CardId::parse("card_id", &id).map(Some).map_err(|_| {
-                        VaultError::Internal("a stored number index entry is unreadable".into())
-                    });
+                    return Indexed::parse(&value).map(Some);
                 }
             }
         }
@@ -676,7 +699,7 @@ impl Vault {
                     let mut w = vec![
                         self.audit.write(actor, &event),
                         Write::Put(card_key(&id), record.clone()),
-                        Write::Put(keys[0].clone(), id.as_str().as_bytes().to_vec()),
+                        Write::Put(keys[0].clone(), index_value(&id, &card.owner)),
                         Write::Put(funding_key(version, &funding_idx), vec![]),
                         Write::Put(owner_key(&card.owner, now, &id), vec![]),
                     ];
@@ -954,20 +977,23 @@ impl Vault {
         let now = self.now();
         let keys = self.keys();
         let fingerprint = Self::authorize_fingerprint(&keys, keys.current_version(), req)?;
-        let card_id = match &req.pan {
+        let indexed = match &req.pan {
             Presented::Pan(p) => self.find_card(p).await?,
             Presented::BadLuhn(_) => None,
+        };
+        // The card's owner (which never changes), to lock the owner's event
+        // sequence with the card: one more key, the owner's own.
+        let (card_id, owner) = match indexed {
+            Some(i) => {
+                let owner = self.owner_of(&i).await?;
+                (Some(i.id), Some(owner))
+            }
+            None => (None, None),
         };
         let authorization_id = self.random_id("au_")?;
         let tkey = txn_key(&req.transaction_id);
         let mut store_keys = vec![tkey.clone()];
         store_keys.extend(card_id.as_ref().map(card_key));
-        // The card's owner (which never changes), to lock the owner's event
-        // sequence with the card: one more key, the owner's own.
-        let owner = match &card_id {
-            Some(id) => Some(self.load(id).await?.card()?.owner),
-            None => None,
-        };
         store_keys.extend(owner.as_ref().map(event_seq_key));
         let mut published = false;
 
@@ -979,6 +1005,7 @@ impl Vault {
                 req,
                 &fingerprint,
                 card_id.as_ref(),
+                owner.as_ref(),
                 &authorization_id,
                 now,
                 v,
@@ -1023,8 +1050,19 @@ impl Vault {
         result
     }
 
+    /// The owner of an indexed card: from its index entry, or, for an
+    /// entry written before entries carried it, from the card (one more
+    /// read and decode).
+    async fn owner_of(&self, indexed: &Indexed) -> Result<Owner, VaultError> {
+        match &indexed.owner {
+            Some(owner) => Ok(owner.clone()),
+            None => self.load(&indexed.id).await?.owner(),
+        }
+    }
+
     /// The pure part of `authorize`, run under the store's lock: from the
     /// current transaction and card records to the answer and the writes.
+    /// `owner` is the owner whose event sequence the update locked.
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -1032,6 +1070,7 @@ impl Vault {
         req: &AuthorizeRequest,
         fingerprint: &[u8],
         card_id: Option<&CardId>,
+        owner: Option<&Owner>,
         authorization_id: &str,
         now: OffsetDateTime,
         v: &[Option<Vec<u8>>],
@@ -1124,6 +1163,14 @@ impl Vault {
         };
 
         let mut card = rec.card()?;
+        // The owner came from the number index (or the card, read before
+        // the lock): events numbered under another owner's locked sequence
+        // would collide, so a record that disagrees is refused.
+        if owner != Some(&card.owner) {
+            return Err(VaultError::Internal(format!(
+                "the number index entry of card {id} names another owner than the card"
+            )));
+        }
         let cvv_ok = match keys.verify_cvv(
             version_or_1(rec.cvv_key_version),
             pan,
@@ -1461,7 +1508,7 @@ impl Vault {
 
     async fn detokenize_pan(&self, pan: &Pan) -> Result<Detokenized, VaultError> {
         let not_found = || VaultError::NotFound(format!("card number {}", pan.masked()));
-        let id = self.find_card(pan).await?.ok_or_else(not_found)?;
+        let id = self.find_card(pan).await?.ok_or_else(not_found)?.id;
         let rec = self.load(&id).await?;
         let card = rec.card()?;
         let funding_pan = self
@@ -1733,7 +1780,7 @@ impl Vault {
             names.push(p);
             names.push(f);
         }
-        let id_bytes = id.as_str().as_bytes().to_vec();
+        let id_bytes = id.as_str().as_bytes();
         let mut result: Result<bool, VaultError> = Ok(false);
         self.store
             .update(&names, &mut |vals| {
@@ -1760,7 +1807,11 @@ impl Vault {
                     let mut old_p = false;
                     let mut old_f = false;
                     for (i, pair) in vals[3..].chunks(2).enumerate() {
-                        if pair[0].as_deref() == Some(&id_bytes[..]) {
+                        // This card's entry, with or without its owner.
+                        let ours = pair[0]
+                            .as_deref()
+                            .is_some_and(|v| parse_index_value(v).0 == id_bytes);
+                        if ours {
                             writes.push(Write::Delete(names[3 + 2 * i].clone()));
                             old_p = true;
                         }
@@ -1770,7 +1821,7 @@ impl Vault {
                         }
                     }
                     if old_p || vals[1].is_none() {
-                        writes.push(Write::Put(new_p.clone(), id_bytes.clone()));
+                        writes.push(Write::Put(new_p.clone(), index_value(id, &rec.owner()?)));
                     }
                     if old_f || vals[2].is_none() {
                         writes.push(Write::Put(new_f.clone(), vec![]));
@@ -1937,3 +1988,6 @@ fn static_code(code: &str) -> &'static str {
         .find(|c| *c == code)
         .unwrap_or("12")
 }
+
+#[cfg(test)]
+mod tests;

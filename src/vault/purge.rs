@@ -15,8 +15,8 @@ use time::OffsetDateTime;
 
 use crate::domain::{CardId, CardState};
 use crate::vault::records::{
-    card_key, decode, event_owner_seq, owner_key, pan_key, CardRecord, EventRecord,
-    IdempotencyRecord, ReversalRecord, TxnRecord,
+    card_key, decode, event_owner_seq, owner_key, pan_key, parse_index_value, CardRecord,
+    EventRecord, IdempotencyRecord, ReversalRecord, TxnRecord,
 };
 use crate::vault::{Vault, VaultError, Write};
 
@@ -294,7 +294,11 @@ impl Vault {
                     Write::Delete(owner_entry.clone()),
                 ];
                 for (k, value) in keys[1..].iter().zip(&v[1..]) {
-                    if value.as_deref() == Some(id.as_str().as_bytes()) {
+                    // This card's entry, with or without its owner.
+                    let ours = value
+                        .as_deref()
+                        .is_some_and(|v| parse_index_value(v).0 == id.as_str().as_bytes());
+                    if ours {
                         w.push(Write::Put(k.clone(), tombstone.clone()));
                     }
                 }

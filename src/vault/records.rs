@@ -6,7 +6,7 @@
 //! | key | value |
 //! |---|---|
 //! | `c/` card id | [`CardRecord`] (numbers sealed) |
-//! | `p/` index version, HMAC(virtual number) | card id |
+//! | `p/` index version, HMAC(virtual number) | [`index_value`]: card id, 0, owner (older entries: card id) |
 //! | `f/` index version, HMAC(funding number) | empty: a number known as a real card |
 //! | `t/` transaction id | [`TxnRecord`] |
 //! | `r/` reversal id | [`ReversalRecord`] |
@@ -30,6 +30,39 @@ pub fn card_key(id: &CardId) -> Vec<u8> {
 
 pub fn pan_key(version: u32, hmac: &[u8; 32]) -> Vec<u8> {
     [&b"p/"[..], &version.to_be_bytes(), hmac].concat()
+}
+
+/// Ends the card id in a number index value, before the owner. A card id
+/// is `vc_` and hex digits and an owner has no control characters
+/// ([`crate::domain::text::parse_ident`]), so neither can hold it (the
+/// owner-keyed entries end the owner with the same byte).
+pub const INDEX_SEPARATOR: u8 = 0;
+
+/// The value of a card's number index entry (`p/`): its id, then
+/// [`INDEX_SEPARATOR`] and its owner, which never changes, so that an
+/// authorisation knows whose event sequence to lock without reading the
+/// card first. Entries written before the owner was added hold the id
+/// alone; [`parse_index_value`] reads both.
+pub fn index_value(id: &CardId, owner: &Owner) -> Vec<u8> {
+    [
+        id.as_str().as_bytes(),
+        &[INDEX_SEPARATOR],
+        owner.as_str().as_bytes(),
+    ]
+    .concat()
+}
+
+/// The card id and, when the entry holds one, the owner of a number index
+/// value, as stored bytes (unchecked: the caller parses them). An entry of
+/// the id alone (written before [`index_value`] added the owner) has no
+/// owner. A purge tombstone is not a card's entry: check
+/// [`crate::vault::purge::tombstone_until`] first (its id part is never a
+/// card id, so comparing it with one is safe).
+pub fn parse_index_value(value: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match value.iter().position(|&b| b == INDEX_SEPARATOR) {
+        Some(at) => (&value[..at], Some(&value[at + 1..])),
+        None => (value, None),
+    }
 }
 
 pub fn funding_key(version: u32, hmac: &[u8; 32]) -> Vec<u8> {
@@ -488,6 +521,11 @@ impl CardRecord {
         self.expiry_year = u32::from(card.expiry.year);
     }
 
+    /// The card's owner, re-parsed (without the rest of the card).
+    pub fn owner(&self) -> Result<Owner, VaultError> {
+        Owner::parse("owner", &self.owner).map_err(|_| corrupt(&self.card_id, "owner"))
+    }
+
     pub fn sealed(&self) -> Result<Sealed, VaultError> {
         let s = self
             .sealed
@@ -515,7 +553,7 @@ impl CardRecord {
         let time = |t: i64| OffsetDateTime::from_unix_timestamp(t);
         Ok(Card {
             id: CardId::parse("card_id", id).map_err(|_| c("id"))?,
-            owner: Owner::parse("owner", &self.owner).map_err(|_| c("owner"))?,
+            owner: self.owner()?,
             masked_pan: self.masked_pan.clone(),
             last4: self.last4.clone(),
             expiry: Expiry {
@@ -539,5 +577,58 @@ impl CardRecord {
             failed_verifications: self.failed_verifications,
             created_at: time(self.created_at).map_err(|_| c("created_at"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::purge::TOMBSTONE;
+
+    fn id() -> CardId {
+        CardId::from_random(&[0xab; CardId::RANDOM_BYTES])
+    }
+
+    #[test]
+    fn an_index_value_carries_the_id_then_the_owner() {
+        let owner = Owner::parse("owner", "cust 42/é").unwrap();
+        let value = index_value(&id(), &owner);
+        assert_eq!(
+            value,
+            [id().as_str().as_bytes(), b"\0", "cust 42/é".as_bytes()].concat()
+        );
+        assert_eq!(
+            parse_index_value(&value),
+            (id().as_str().as_bytes(), Some("cust 42/é".as_bytes()))
+        );
+    }
+
+    #[test]
+    fn an_index_value_of_the_id_alone_has_no_owner() {
+        // As written before the owner was added.
+        let old = id().as_str().as_bytes().to_vec();
+        assert_eq!(parse_index_value(&old), (&old[..], None));
+        // An empty owner part is an owner that will not parse, not a panic.
+        let empty = [&old[..], b"\0"].concat();
+        assert_eq!(parse_index_value(&empty), (&old[..], Some(&b""[..])));
+        assert!(Owner::parse("owner", "").is_err());
+    }
+
+    #[test]
+    fn the_separator_is_in_no_card_id_or_owner() {
+        let sep = char::from(INDEX_SEPARATOR).to_string();
+        assert!(!id().as_str().contains(&sep));
+        assert!(CardId::parse("card_id", &format!("vc_{sep}")).is_err());
+        assert!(Owner::parse("owner", &format!("a{sep}b")).is_err());
+    }
+
+    #[test]
+    fn a_tombstone_never_reads_as_a_card_id() {
+        // A time's big-endian bytes start with zeros, the separator.
+        let tombstone = [TOMBSTONE, &1_700_000_000i64.to_be_bytes()].concat();
+        let (id_part, owner_part) = parse_index_value(&tombstone);
+        assert!(owner_part.is_some());
+        assert!(id_part.starts_with(TOMBSTONE));
+        assert_ne!(id_part, id().as_str().as_bytes());
     }
 }
