@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `vcn_authorizations_total{response_code,reason}` | decisions (retries answered from the log not counted) |
 //! | `vcn_rpc_duration_seconds{method,code}` | time to the response headers of each RPC |
-//! | `vcn_cards{state}` | cards by state (counted every minute) |
+//! | `vcn_cards{state}` | cards by state (counted at start, then every minute, or less often when counting takes over 1/30 of the time: [`next_count_after`]) |
 //! | `vcn_vault_size_bytes` | the storage engine's size on disk |
 //! | `vcn_engine_memory_bytes{part}` | the embedded engine's memory outside its cache: `filters` (grows with the keys), `write_buffers` (bounded) |
 //! | `vcn_store_flush_duration_seconds` | one group-commit fsync of the embedded engine |
@@ -229,20 +229,50 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Counting the cards scans every card record: on a large vault that is
+/// seconds of CPU (about 3 s for 1.5 M cards on the development machine,
+/// BENCHMARKS.md) and a sweep of the engine's block cache, which then has
+/// to warm up again. So the count is taken at most this small a share of
+/// the time: after a count that took `t`, the next waits at least
+/// `t * COUNT_SPACING`.
+pub const COUNT_SPACING: u32 = 30;
+
+/// When to count the cards again after a count that took `took`: after
+/// `every`, or later when counting is slow enough that `every` would spend
+/// more than 1/[`COUNT_SPACING`] of the time on it.
+pub fn next_count_after(every: Duration, took: Duration) -> Duration {
+    every.max(took.saturating_mul(COUNT_SPACING))
+}
+
 /// Keeps `vcn_cards`, `vcn_vault_size_bytes` and `vcn_engine_memory_bytes`
-/// current: counts once at start, then every `every`.
+/// current: all at start, then the two cheap ones every `every` and the
+/// card count as [`next_count_after`] says.
 pub async fn sample_vault(vault: Arc<crate::vault::Vault>, every: Duration) {
     let Some(m) = get() else { return };
+    let mut count_due = tokio::time::Instant::now();
     loop {
-        match vault.count_cards_by_state().await {
-            Ok(counts) => {
-                for (state, n) in counts {
-                    m.cards
-                        .with_label_values(&[state.as_str()])
-                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+        if tokio::time::Instant::now() >= count_due {
+            let started = tokio::time::Instant::now();
+            match vault.count_cards_by_state().await {
+                Ok(counts) => {
+                    for (state, n) in counts {
+                        m.cards
+                            .with_label_values(&[state.as_str()])
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "counting cards for metrics failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "counting cards for metrics failed"),
+            let took = started.elapsed();
+            let wait = next_count_after(every, took);
+            if wait > every {
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    next_in_s = wait.as_secs(),
+                    "counting the cards for vcn_cards is slow on this vault: counting less often"
+                );
+            }
+            count_due = started + wait;
         }
         if let Ok(Some(bytes)) = vault.size_bytes().await {
             m.vault_size_bytes
@@ -324,6 +354,28 @@ impl crate::vault::Store for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quick count keeps the minute; a slow one (a large vault) spaces
+    /// the next so that counting stays under 1/30 of the time.
+    #[test]
+    fn a_slow_card_count_is_taken_less_often() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(next_count_after(minute, Duration::from_millis(50)), minute);
+        assert_eq!(next_count_after(minute, Duration::from_secs(2)), minute);
+        assert_eq!(
+            next_count_after(minute, Duration::from_secs(3)),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            next_count_after(minute, Duration::from_secs(20)),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            next_count_after(minute, Duration::MAX),
+            Duration::MAX,
+            "no overflow"
+        );
+    }
 
     /// The sample Grafana dashboard only charts metrics that exist.
     #[test]
