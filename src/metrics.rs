@@ -230,7 +230,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Counting the cards scans every card record: on a large vault that is
-/// seconds of CPU (about 3 s for 1.5 M cards on the development machine,
+/// seconds of CPU (about 2 s for 1.56 M cards on the development machine,
 /// BENCHMARKS.md) and a sweep of the engine's block cache, which then has
 /// to warm up again. So the count is taken at most this small a share of
 /// the time: after a count that took `t`, the next waits at least
