@@ -4,7 +4,7 @@
 //! primitive that matters is [`Store::update`]: read some keys, decide,
 //! write all or nothing, serialised with every other update of the same
 //! keys, durable before it returns. The authorisation decision runs inside
-//! it. The embedded store ([`super::embedded`], on fjall or sled) does it
+//! it. The embedded store ([`super::embedded`], on fjall, fjall3 or sled) does it
 //! with key locks and group commit; PostgreSQL ([`super::postgres_store`])
 //! with row locks in serialisable transactions, shared by several processes.
 

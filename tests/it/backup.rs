@@ -141,7 +141,7 @@ async fn an_online_backup_under_load_restores_every_card_consistently() {
     // it is, whatever engine it was told to make new vaults on.
     use vcn::vault::embedded::EngineKind;
     let other = match crate::engine::embedded_kind() {
-        EngineKind::Fjall => EngineKind::Sled,
+        EngineKind::Fjall | EngineKind::Fjall3 => EngineKind::Sled,
         EngineKind::Sled => EngineKind::Fjall,
     };
     let restore = vcn(

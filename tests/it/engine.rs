@@ -41,7 +41,7 @@ pub fn engine() -> Engine {
         Ok("") | Err(_) => Engine::Embedded(EngineKind::default()),
         Ok(other) => match other.parse() {
             Ok(kind) => Engine::Embedded(kind),
-            Err(_) => panic!("VCN_TEST_ENGINE={other}: expected fjall, sled or postgres"),
+            Err(_) => panic!("VCN_TEST_ENGINE={other}: expected fjall, fjall3, sled or postgres"),
         },
     }
 }

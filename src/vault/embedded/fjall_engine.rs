@@ -45,7 +45,7 @@ fn block_cache_bytes(options: &EngineOptions) -> u64 {
     (options.cache_capacity / 2).max(8 * 1024 * 1024)
 }
 
-fn lock(dir: &Path) -> Result<File, StoreError> {
+pub(crate) fn lock(dir: &Path) -> Result<File, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| {
         StoreError::Unavailable(format!(
             "cannot create the data directory {}: {e}",

@@ -70,9 +70,11 @@ use tokio::sync::watch;
 use crate::vault::gather::{Gather, DEFAULT_COMMIT_DELAY};
 use crate::vault::store::{Decide, EngineMemory, Entries, ExportSink, Store, StoreError, Write};
 
+pub mod fjall3_engine;
 pub mod fjall_engine;
 pub mod sled_engine;
 
+pub use fjall3_engine::Fjall3;
 pub use fjall_engine::Fjall;
 pub use sled_engine::Sled;
 
@@ -549,6 +551,8 @@ pub struct EmbeddedStore<E: Engine> {
 pub type SledStore = EmbeddedStore<Sled>;
 /// The store on fjall.
 pub type FjallStore = EmbeddedStore<Fjall>;
+/// The store on fjall 3.
+pub type Fjall3Store = EmbeddedStore<Fjall3>;
 
 /// The embedded engines. A data directory keeps the engine it was made
 /// with: the configured one only chooses for a new directory.
@@ -562,6 +566,11 @@ pub enum EngineKind {
     Fjall,
     /// sled 0.34, the engine of earlier vaults.
     Sled,
+    /// fjall 3: the same design in a new on-disk format, whose filters and
+    /// indexes live in its cache, so memory stays bounded by the cache
+    /// setting as the vault grows (BENCHMARKS.md, session 9). For new
+    /// vaults when configured.
+    Fjall3,
 }
 
 impl EngineKind {
@@ -569,6 +578,7 @@ impl EngineKind {
         match self {
             EngineKind::Fjall => Fjall::NAME,
             EngineKind::Sled => Sled::NAME,
+            EngineKind::Fjall3 => Fjall3::NAME,
         }
     }
 }
@@ -579,7 +589,10 @@ impl std::str::FromStr for EngineKind {
         match s {
             "fjall" => Ok(EngineKind::Fjall),
             "sled" => Ok(EngineKind::Sled),
-            other => Err(format!("unknown engine {other:?}: expected fjall or sled")),
+            "fjall3" => Ok(EngineKind::Fjall3),
+            other => Err(format!(
+                "unknown engine {other:?}: expected fjall, fjall3 or sled"
+            )),
         }
     }
 }
@@ -639,6 +652,7 @@ pub fn open(
     let store: Arc<dyn Store> = match kind {
         EngineKind::Fjall => Arc::new(FjallStore::open(dir, options)?),
         EngineKind::Sled => Arc::new(SledStore::open(dir, options)?),
+        EngineKind::Fjall3 => Arc::new(Fjall3Store::open(dir, options)?),
     };
     if existing.is_none() {
         record_engine(dir, kind)?;
@@ -1410,7 +1424,7 @@ mod tests {
     }
 
     /// Every test above, on each engine.
-    macro_rules! on_both_engines {
+    macro_rules! on_every_engine {
         ($( [$($flavor:tt)*] $name:ident ),* $(,)?) => {
             mod on_fjall {
                 $( #[tokio::test $($flavor)*] async fn $name() { super::$name::<super::Fjall>().await } )*
@@ -1418,10 +1432,13 @@ mod tests {
             mod on_sled {
                 $( #[tokio::test $($flavor)*] async fn $name() { super::$name::<super::Sled>().await } )*
             }
+            mod on_fjall3 {
+                $( #[tokio::test $($flavor)*] async fn $name() { super::$name::<super::Fjall3>().await } )*
+            }
         };
     }
 
-    on_both_engines!(
+    on_every_engine!(
         [] update_reads_decides_and_persists_across_reopen,
         [] scan_is_prefix_bounded_and_pages,
         [(flavor = "multi_thread", worker_threads = 4)] transfers_between_overlapping_keys_keep_the_total_across_reopen,
@@ -1457,6 +1474,17 @@ mod tests {
         let f = dir.path().join("new");
         open(&f, EngineKind::default(), &EngineOptions::default()).unwrap();
         assert_eq!(engine_of(&f).unwrap(), Some(EngineKind::Fjall));
+        // A fjall 3 vault is recorded as such, and a fjall (2) one asked of
+        // it is opened as fjall 3: the two formats are never mixed.
+        let f3 = dir.path().join("new3");
+        {
+            let s = open(&f3, EngineKind::Fjall3, &EngineOptions::default()).unwrap();
+            s.update(&[], &mut |_| vec![put("k3", "v3")]).await.unwrap();
+        }
+        assert_eq!(engine_of(&f3).unwrap(), Some(EngineKind::Fjall3));
+        let s = open(&f3, EngineKind::Fjall, &EngineOptions::default()).unwrap();
+        assert_eq!(s.get(b"k3").await.unwrap(), Some(b"v3".to_vec()));
+        drop(s);
         std::fs::write(f.join(ENGINE_FILE), "rocks\n").unwrap();
         assert!(matches!(engine_of(&f), Err(StoreError::Corrupt(m)) if m.contains("rocks")));
     }
