@@ -22,7 +22,9 @@ use std::path::Path;
 
 use fjall3::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use crate::vault::embedded::fjall_engine::lock;
+// fjall 3 gets the same share of the configured cache as fjall 2: its
+// decoded blocks weigh more than they count too.
+use crate::vault::embedded::fjall_engine::{block_cache_bytes, lock};
 use crate::vault::embedded::{export_all, scan_start, take_prefixed, Engine, EngineOptions};
 use crate::vault::store::{EngineMemory, Entries, ExportSink, StoreError, Write};
 
@@ -45,13 +47,6 @@ pub struct Fjall3 {
     /// Dropped (unlocked) after the database, which waits for fjall's
     /// threads (fields drop in declaration order).
     _lock: File,
-}
-
-/// fjall 3 gets the same share of the configured cache as fjall 2 (see
-/// `fjall_engine::block_cache_bytes`): its decoded blocks weigh more than
-/// they count.
-fn block_cache_bytes(options: &EngineOptions) -> u64 {
-    (options.cache_capacity / 2).max(8 * 1024 * 1024)
 }
 
 impl Engine for Fjall3 {
@@ -174,15 +169,7 @@ fn describe_open_error(dir: &Path, e: fjall3::Error) -> StoreError {
     if matches!(e, fjall3::Error::Locked) {
         return crate::vault::embedded::in_use(dir);
     }
-    match io_error(e) {
-        StoreError::Corrupt(msg) => StoreError::Corrupt(format!(
-            "the vault in {} is corrupt ({msg}); restore it from a backup",
-            dir.display()
-        )),
-        StoreError::Unavailable(msg) => {
-            StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display()))
-        }
-    }
+    crate::vault::embedded::opening(dir, io_error(e))
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub struct Fjall {
 /// fjall's block cache holds blocks decoded, at about twice the size it
 /// counts them at (heaptrack, BENCHMARKS.md): it is given this share of the
 /// configured cache, so the process stays near the setting.
-fn block_cache_bytes(options: &EngineOptions) -> u64 {
+pub(crate) fn block_cache_bytes(options: &EngineOptions) -> u64 {
     (options.cache_capacity / 2).max(8 * 1024 * 1024)
 }
 
@@ -174,15 +174,7 @@ fn io_error(e: fjall::Error) -> StoreError {
 }
 
 fn describe_open_error(dir: &Path, e: fjall::Error) -> StoreError {
-    match io_error(e) {
-        StoreError::Corrupt(msg) => StoreError::Corrupt(format!(
-            "the vault in {} is corrupt ({msg}); restore it from a backup",
-            dir.display()
-        )),
-        StoreError::Unavailable(msg) => {
-            StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display()))
-        }
-    }
+    crate::vault::embedded::opening(dir, io_error(e))
 }
 
 #[cfg(test)]

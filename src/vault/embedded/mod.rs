@@ -119,6 +119,20 @@ pub(crate) fn in_use(dir: &Path) -> StoreError {
     ))
 }
 
+/// An engine's failure to open the vault in `dir`, as the operator is
+/// told: what to do about a corrupt vault, and where it is.
+pub(crate) fn opening(dir: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Corrupt(msg) => StoreError::Corrupt(format!(
+            "the vault in {} is corrupt ({msg}); restore it from a backup",
+            dir.display()
+        )),
+        StoreError::Unavailable(msg) => {
+            StoreError::Unavailable(format!("cannot open the vault in {}: {msg}", dir.display()))
+        }
+    }
+}
+
 /// An engine's ENOSPC, as the caller is told.
 pub(crate) const DISK_FULL: &str =
     "the data directory's filesystem is full (no space left on device): free space or grow it";
