@@ -227,13 +227,14 @@ pub struct Detokenized {
     pub state: CardState,
 }
 
-/// What a card number's index entry says: the card, and its owner when
-/// the entry carries it (entries written before it did do not, and an
-/// owner that does not parse counts as absent: read it from the card).
+/// What a card number's index entry says: the card, and the owner's bytes
+/// when the entry carries them (entries written before it did do not).
+/// The owner is parsed only by the one caller that needs it
+/// ([`Indexed::owner`]), not on every lookup (Detokenize has no use for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Indexed {
     id: CardId,
-    owner: Option<Owner>,
+    owner: Option<Vec<u8>>,
 }
 
 impl Indexed {
@@ -246,10 +247,17 @@ impl Indexed {
             .ok_or_else(|| {
                 VaultError::Internal("a stored number index entry is unreadable".into())
             })?;
-        let owner = owner
-            .and_then(|o| std::str::from_utf8(o).ok())
-            .and_then(|o| Owner::parse("owner", o).ok());
-        Ok(Indexed { id, owner })
+        Ok(Indexed {
+            id,
+            owner: owner.map(<[u8]>::to_vec),
+        })
+    }
+
+    /// The owner the entry carries; none for an entry written before it
+    /// did, or one that does not parse (then it is read from the card).
+    fn owner(&self) -> Option<Owner> {
+        let o = std::str::from_utf8(self.owner.as_deref()?).ok()?;
+        Owner::parse("owner", o).ok()
     }
 }
 
@@ -1054,8 +1062,8 @@ impl Vault {
     /// entry written before entries carried it, from the card (one more
     /// read and decode).
     async fn owner_of(&self, indexed: &Indexed) -> Result<Owner, VaultError> {
-        match &indexed.owner {
-            Some(owner) => Ok(owner.clone()),
+        match indexed.owner() {
+            Some(owner) => Ok(owner),
             None => self.load(&indexed.id).await?.owner(),
         }
     }
