@@ -134,19 +134,14 @@ impl Engine for Fjall3 {
     }
 }
 
-/// Whether an error is the disk filling up, however deep fjall wrapped it.
-fn is_storage_full(e: &fjall3::Error) -> bool {
-    let io = match e {
-        fjall3::Error::Io(io) => Some(io),
-        fjall3::Error::Storage(fjall3::LsmError::Io(io)) => Some(io),
+fn io_error(e: fjall3::Error) -> StoreError {
+    // The disk filling up, however deep fjall wrapped it.
+    let io = match &e {
+        fjall3::Error::Io(io) | fjall3::Error::Storage(fjall3::LsmError::Io(io)) => Some(io),
         _ => None,
     };
-    io.is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
-}
-
-fn io_error(e: fjall3::Error) -> StoreError {
-    if is_storage_full(&e) {
-        return StoreError::Unavailable(crate::vault::embedded::DISK_FULL.into());
+    if let Some(full) = crate::vault::embedded::disk_full(io) {
+        return full;
     }
     match e {
         fjall3::Error::Storage(fjall3::LsmError::Io(_)) | fjall3::Error::Io(_) => {
@@ -158,9 +153,7 @@ fn io_error(e: fjall3::Error) -> StoreError {
         | fjall3::Error::InvalidTrailer
         | fjall3::Error::InvalidTag(_)
         | fjall3::Error::Unrecoverable => StoreError::Corrupt(e.to_string()),
-        fjall3::Error::Poisoned => StoreError::Unavailable(
-            "an earlier write to the vault failed, so it takes no more until it is reopened".into(),
-        ),
+        fjall3::Error::Poisoned => StoreError::Unavailable(crate::vault::embedded::POISONED.into()),
         other => StoreError::Unavailable(other.to_string()),
     }
 }

@@ -143,19 +143,14 @@ impl Engine for Fjall {
     }
 }
 
-/// Whether an error is the disk filling up, however deep fjall wrapped it.
-fn is_storage_full(e: &fjall::Error) -> bool {
-    let io = match e {
-        fjall::Error::Io(io) => Some(io),
-        fjall::Error::Storage(fjall::LsmError::Io(io)) => Some(io),
+fn io_error(e: fjall::Error) -> StoreError {
+    // The disk filling up, however deep fjall wrapped it.
+    let io = match &e {
+        fjall::Error::Io(io) | fjall::Error::Storage(fjall::LsmError::Io(io)) => Some(io),
         _ => None,
     };
-    io.is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
-}
-
-fn io_error(e: fjall::Error) -> StoreError {
-    if is_storage_full(&e) {
-        return StoreError::Unavailable(crate::vault::embedded::DISK_FULL.into());
+    if let Some(full) = crate::vault::embedded::disk_full(io) {
+        return full;
     }
     match e {
         fjall::Error::Storage(
@@ -166,9 +161,7 @@ fn io_error(e: fjall::Error) -> StoreError {
         )
         | fjall::Error::Decode(_)
         | fjall::Error::JournalRecovery(_) => StoreError::Corrupt(e.to_string()),
-        fjall::Error::Poisoned => StoreError::Unavailable(
-            "an earlier write to the vault failed, so it takes no more until it is reopened".into(),
-        ),
+        fjall::Error::Poisoned => StoreError::Unavailable(crate::vault::embedded::POISONED.into()),
         other => StoreError::Unavailable(other.to_string()),
     }
 }

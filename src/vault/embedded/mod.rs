@@ -133,6 +133,18 @@ pub(crate) fn opening(dir: &Path, e: StoreError) -> StoreError {
     }
 }
 
+/// An engine's error whose I/O cause is the disk filling up, as the caller
+/// is told ([`DISK_FULL`]); None for any other cause.
+pub(crate) fn disk_full(io: Option<&std::io::Error>) -> Option<StoreError> {
+    io.filter(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        .map(|_| StoreError::Unavailable(DISK_FULL.into()))
+}
+
+/// A fjall engine that refuses writes after one failed ("poisoned"), as
+/// the caller is told.
+pub(crate) const POISONED: &str =
+    "an earlier write to the vault failed, so it takes no more until it is reopened";
+
 /// An engine's ENOSPC, as the caller is told.
 pub(crate) const DISK_FULL: &str =
     "the data directory's filesystem is full (no space left on device): free space or grow it";
