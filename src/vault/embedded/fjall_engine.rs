@@ -46,12 +46,7 @@ pub(crate) fn block_cache_bytes(options: &EngineOptions) -> u64 {
 }
 
 pub(crate) fn lock(dir: &Path) -> Result<File, StoreError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        StoreError::Unavailable(format!(
-            "cannot create the data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    crate::vault::embedded::create_data_dir(dir)?;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)

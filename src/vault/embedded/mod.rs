@@ -675,20 +675,35 @@ pub fn open(
             "the data directory holds a vault of another engine than the configured one, which applies to new vaults only: opening it as it is"
         );
     }
+    if existing.is_none() {
+        // Before the engine writes a file: fjall 2 and fjall 3 both write
+        // `version`, so a fjall 3 directory that a crash left without the
+        // record would be taken for a fjall 2 one.
+        record_engine(dir, kind)?;
+    }
     let store: Arc<dyn Store> = match kind {
         EngineKind::Fjall => Arc::new(FjallStore::open(dir, options)?),
         EngineKind::Sled => Arc::new(SledStore::open(dir, options)?),
         EngineKind::Fjall3 => Arc::new(Fjall3Store::open(dir, options)?),
     };
-    if existing.is_none() {
-        record_engine(dir, kind)?;
-    }
     tracing::info!(dir = %dir.display(), engine = kind.name(), "vault opened");
     Ok(store)
 }
 
-/// Writes [`ENGINE_FILE`], durably (file and directory synced).
+/// Makes the data directory (and its parents) if it is not there.
+pub(crate) fn create_data_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot create the data directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// Writes [`ENGINE_FILE`], durably (file and directory synced), making the
+/// directory first.
 fn record_engine(dir: &Path, kind: EngineKind) -> Result<(), StoreError> {
+    create_data_dir(dir)?;
     replace_file(dir, ENGINE_FILE, kind.name()).map_err(|e| {
         StoreError::Unavailable(format!(
             "cannot record the vault's engine in {}: {e}",
@@ -1511,6 +1526,14 @@ mod tests {
         let s = open(&f3, EngineKind::Fjall, &EngineOptions::default()).unwrap();
         assert_eq!(s.get(b"k3").await.unwrap(), Some(b"v3".to_vec()));
         drop(s);
+        // The record comes before the engine's first file: a new fjall 3
+        // vault whose engine fails to open (here its `keyspaces` is a
+        // file) is still recorded as fjall 3, not taken for fjall 2.
+        let broken = dir.path().join("broken3");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(broken.join("keyspaces"), "not a directory").unwrap();
+        assert!(open(&broken, EngineKind::Fjall3, &EngineOptions::default()).is_err());
+        assert_eq!(engine_of(&broken).unwrap(), Some(EngineKind::Fjall3));
         std::fs::write(f.join(ENGINE_FILE), "rocks\n").unwrap();
         assert!(matches!(engine_of(&f), Err(StoreError::Corrupt(m)) if m.contains("rocks")));
     }
