@@ -102,6 +102,11 @@ pub struct Options {
     pub duration: Duration,
     /// Cards to issue between a first and a second round (0: one round).
     pub fill: u64,
+    /// After a fill, how long at most to wait for the server to go idle
+    /// (the engine's compactions of what the fill wrote) before the second
+    /// round: a vault that grew over months is measured, not one still
+    /// digesting the last 20 minutes. Zero measures at once.
+    pub settle: Duration,
     /// Multi-use cards in the `authorize` pool (rounded up to a multiple of
     /// `concurrency`, so that no two tasks share a card).
     pub pool_cards: usize,
@@ -169,6 +174,15 @@ impl Watched {
     }
 }
 
+/// How often the wait after a fill looks at the server's CPU.
+const SETTLE_STEP: Duration = Duration::from_secs(10);
+
+/// A server that used under 5 % of one core over `over` is idle: its
+/// compactions are done (a spaced card count may still come).
+fn went_idle(cpu_used_us: u64, over: Duration) -> bool {
+    u128::from(cpu_used_us) * 20 < over.as_micros()
+}
+
 /// The thread name of the load tool's runtime.
 pub const LOAD_THREADS: &str = "vcn-bench-load";
 
@@ -192,6 +206,7 @@ impl Default for Options {
             connections: 4,
             duration: Duration::from_secs(10),
             fill: 0,
+            settle: Duration::ZERO,
             pool_cards: 1024,
             hot_cap: POOL_CAP,
             ops: Op::ALL.to_vec(),
@@ -351,6 +366,10 @@ pub struct Fill {
     pub errors: u64,
     pub seconds: f64,
     pub per_second: f64,
+    /// Seconds waited after the fill for the server to go idle.
+    pub settle_seconds: f64,
+    /// CPU seconds the server used during that wait (when watched).
+    pub settle_server_cpu_s: Option<f64>,
 }
 
 /// What the service's answers add up to.
@@ -536,6 +555,14 @@ impl Report {
                 "\nfill: {} cards in {:.1}s ({:.0}/s), {} errors\n",
                 f.cards, f.seconds, f.per_second, f.errors
             ));
+            if f.settle_seconds > 0.0 {
+                s.push_str(&format!(
+                    "then waited {:.0}s for the server to go idle (server CPU meanwhile: {})\n",
+                    f.settle_seconds,
+                    f.settle_server_cpu_s
+                        .map_or("not watched".to_string(), |c| format!("{c:.1}s"))
+                ));
+            }
         }
         if let Some(fp) = &self.footprint {
             s.push_str(&format!(
@@ -1200,7 +1227,42 @@ impl Run {
             errors: d.errors,
             seconds: d.seconds,
             per_second: d.calls as f64 / d.seconds.max(1e-9),
+            settle_seconds: 0.0,
+            settle_server_cpu_s: None,
         }
+    }
+
+    /// Waits up to `settle` for the watched server to go idle: seconds
+    /// waited, and the server's CPU seconds meanwhile. Without a watched
+    /// server it waits the whole time.
+    async fn settle(&self) -> (f64, Option<f64>) {
+        let most = self.opts.settle;
+        if most.is_zero() {
+            return (0.0, None);
+        }
+        self.say(format!("waiting up to {most:?} for the server to go idle"));
+        let server = self.opts.server_process.as_ref();
+        let cpu = || server.and_then(Watched::cpu_us);
+        let start = Instant::now();
+        let first = cpu();
+        let mut last = first;
+        while start.elapsed() < most {
+            let step = SETTLE_STEP.min(most - start.elapsed());
+            tokio::time::sleep(step).await;
+            let now = cpu();
+            if let (Some(before), Some(after)) = (last, now) {
+                if went_idle(after.saturating_sub(before), step) {
+                    break;
+                }
+            }
+            last = now;
+        }
+        let waited = start.elapsed().as_secs_f64();
+        let used = first
+            .zip(cpu())
+            .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6);
+        self.say(format!("settled after {waited:.0}s"));
+        (waited, used)
     }
 
     async fn get_card(&self, id: &str) -> Result<pb::Card, String> {
@@ -1416,7 +1478,9 @@ pub async fn run(target: &Target, opts: &Options) -> Result<Report, BenchError> 
     }
     let mut fill = None;
     if opts.fill > 0 {
-        fill = Some(run.fill().await);
+        let mut f = run.fill().await;
+        (f.settle_seconds, f.settle_server_cpu_s) = run.settle().await;
+        fill = Some(f);
         for repeat in 1..=run.opts.repeat {
             rounds.push(run.round(1, repeat).await?);
         }
@@ -1646,5 +1710,20 @@ impl LocalServer {
 impl Drop for LocalServer {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_under_a_twentieth_of_a_core_is_idle() {
+        let ten_s = Duration::from_secs(10);
+        assert!(went_idle(0, ten_s));
+        assert!(went_idle(499_999, ten_s));
+        assert!(!went_idle(500_000, ten_s), "5 % of a core is still busy");
+        assert!(!went_idle(20_000_000, ten_s), "two cores compacting");
+        assert!(!went_idle(1, Duration::ZERO));
     }
 }

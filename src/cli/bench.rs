@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Issue this many cards after a first round, then measure again.
     #[arg(long, default_value_t = 0)]
     fill: u64,
+    /// After the fill, wait up to this long for the server to go idle
+    /// (its compactions done) before measuring again: 0s, 5m.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    settle: Duration,
     /// Multi-use cards the authorize operation spreads over.
     #[arg(long, default_value_t = 1024)]
     pool_cards: usize,
@@ -104,6 +108,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
         connections: args.connections,
         duration: args.duration,
         fill: args.fill,
+        settle: args.settle,
         pool_cards: args.pool_cards,
         hot_cap: args.hot_cap.unwrap_or(Options::default().hot_cap),
         ops: if args.ops.is_empty() {

@@ -80,17 +80,27 @@ async fn repeated_rounds_of_the_lifecycle_never_replay_a_transaction_id() {
     // approvals would be counted twice.
     let server = TestServer::start().await;
     let target = target(&server);
+    // And a fill between, with the wait for the server to go idle after
+    // it: two rounds before, two after.
     let opts = Options {
         concurrency: 8,
         connections: 2,
         duration: Duration::from_millis(300),
         ops: vec![Op::Lifecycle, Op::AuthorizeHot],
         repeat: 2,
+        fill: 24,
+        settle: Duration::from_secs(1),
+        server_process: Some(bench::Watched::in_process()),
         ..Options::default()
     };
     let report = bench::run(&target, &opts).await.expect("bench runs");
     let text = report.text();
-    assert_eq!(report.rounds.len(), 2);
+    assert_eq!(report.rounds.len(), 4);
+    let fill = report.fill.as_ref().expect("a fill");
+    assert_eq!((fill.cards, fill.errors), (24, 0), "{text}");
+    assert!(fill.settle_seconds >= 1.0, "{text}");
+    assert!(fill.settle_server_cpu_s.is_some(), "{text}");
+    assert!(text.contains("for the server to go idle"), "{text}");
     for r in &report.rounds {
         for o in &r.ops {
             assert!(o.calls > 0, "{text}");
