@@ -1,13 +1,20 @@
 //! The vault's key pattern on fjall 2.11 and on fjall 3, to see what each
 //! keeps in memory outside its block cache once the data is on disk.
 //!
-//! usage: engine-memory 2|3 DIR CARDS CACHE_MIB fill|flush|read
+//! usage: engine-memory 2|3 DIR CARDS CACHE_MIB fill|flush|read|detok
 //! - fill: write CARDS cards' keys (the sizes of a real vault's), one batch
 //!   per card, with the audit entries put and later deleted as the sealer
 //!   does;
 //! - flush: write the memtables out (so a reopen replays no journal);
 //! - read: reopen, print the resident memory, then time point reads (one
-//!   hit on a card, one miss on a transaction id, as an Authorize does).
+//!   hit on a card, one miss on a transaction id, as an Authorize does);
+//! - detok: reopen, sample number index entries over the whole vault, then
+//!   time Detokenize's two reads (the index entry, then its card), twice
+//!   over: the first pass warms the cache, the second is the steady state.
+//!
+//! fjall 3 is opened as the service's engine opens it (16 MiB memtables).
+//! `EXPECT_HITS=1` at fill builds it with `expect_point_read_hits` (no
+//! filters on the last level).
 //!
 //! Not part of the service: no error handling beyond stopping with the
 //! error.
@@ -80,8 +87,9 @@ trait Kv {
     const NAME: &'static str;
     /// Puts, then deletes, atomically.
     fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>, deletes: Vec<Vec<u8>>) -> Result<()>;
-    fn get(&self, key: &[u8]) -> Result<bool>;
-    fn keys_with_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>>;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Every `every`th key under `prefix`, at most `limit` of them.
+    fn keys_with_prefix(&self, prefix: &[u8], limit: usize, every: usize) -> Result<Vec<Vec<u8>>>;
     fn flush(&self) -> Result<()>;
     fn sync(&self) -> Result<()>;
     /// Bloom filter bytes held in memory, where the engine says.
@@ -101,12 +109,13 @@ impl Kv for Fjall2 {
         }
         Ok(b.commit()?)
     }
-    fn get(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.1.get(key)?.is_some())
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.1.get(key)?.map(|v| v.to_vec()))
     }
-    fn keys_with_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+    fn keys_with_prefix(&self, prefix: &[u8], limit: usize, every: usize) -> Result<Vec<Vec<u8>>> {
         self.1
             .prefix(prefix)
+            .step_by(every)
             .take(limit)
             .map(|kv| Ok(kv?.0.to_vec()))
             .collect()
@@ -136,12 +145,13 @@ impl Kv for Fjall3 {
         }
         Ok(b.commit()?)
     }
-    fn get(&self, key: &[u8]) -> Result<bool> {
-        Ok(self.1.get(key)?.is_some())
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.1.get(key)?.map(|v| v.to_vec()))
     }
-    fn keys_with_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+    fn keys_with_prefix(&self, prefix: &[u8], limit: usize, every: usize) -> Result<Vec<Vec<u8>>> {
         self.1
             .prefix(prefix)
+            .step_by(every)
             .take(limit)
             .map(|kv| Ok(kv.key()?.to_vec()))
             .collect()
@@ -206,11 +216,7 @@ fn run<E: Kv>(kv: E, cards: u64, mode: &str) -> Result<()> {
             );
         }
         "read" => {
-            let ids: Vec<Vec<u8>> = kv
-                .keys_with_prefix(b"c/", 2_000_000)?
-                .into_iter()
-                .step_by(7)
-                .collect();
+            let ids: Vec<Vec<u8>> = kv.keys_with_prefix(b"c/", 2_000_000 / 7 + 1, 7)?;
             println!(
                 "{name} sampled {} card keys: rss/hwm KiB {:?}",
                 ids.len(),
@@ -222,9 +228,9 @@ fn run<E: Kv>(kv: E, cards: u64, mode: &str) -> Result<()> {
             let mut hits = 0u64;
             for j in 0..reads {
                 let k = &ids[(r.next() % ids.len() as u64) as usize];
-                hits += u64::from(kv.get(k)?);
+                hits += u64::from(kv.get(k)?.is_some());
                 let miss = format!("t/txn-{j}-{}", r.next());
-                hits += u64::from(kv.get(miss.as_bytes())?) * 1_000_000;
+                hits += u64::from(kv.get(miss.as_bytes())?.is_some()) * 1_000_000;
             }
             println!(
                 "{name} {hits} hits of {reads}, {reads} misses: {:.2} us CPU per get, wall {:?}: rss/hwm KiB {:?}, filters {:?}",
@@ -234,7 +240,33 @@ fn run<E: Kv>(kv: E, cards: u64, mode: &str) -> Result<()> {
                 kv.filters()
             );
         }
-        other => return Err(format!("mode {other}: expected fill, flush or read").into()),
+        "detok" => {
+            let entries: Vec<Vec<u8>> = kv.keys_with_prefix(b"p/", usize::MAX, 16)?;
+            println!(
+                "{name} sampled {} index entries: rss/hwm KiB {:?}",
+                entries.len(),
+                rss_kib()
+            );
+            let mut r = Rng(11);
+            let reads = 300_000u64;
+            for pass in ["cold", "warm"] {
+                let (cpu, wall) = (cpu_s(), Instant::now());
+                let mut found = 0u64;
+                for _ in 0..reads {
+                    let k = &entries[(r.next() % entries.len() as u64) as usize];
+                    let value = kv.get(k)?.ok_or("index entry missing")?;
+                    let id = value.split(|b| *b == 0).next().unwrap_or(&[]);
+                    found += u64::from(kv.get(&[b"c/", id].concat())?.is_some());
+                }
+                println!(
+                    "{name} detok {pass}: {found} cards of {reads}: {:.2} us CPU per detok, wall {:?}: rss/hwm KiB {:?}",
+                    (cpu_s() - cpu) * 1e6 / reads as f64,
+                    wall.elapsed(),
+                    rss_kib(),
+                );
+            }
+        }
+        other => return Err(format!("mode {other}: expected fill, flush, read or detok").into()),
     }
     Ok(())
 }
@@ -242,7 +274,7 @@ fn run<E: Kv>(kv: E, cards: u64, mode: &str) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, which, dir, cards, cache_mib, mode] = &args[..] else {
-        return Err("usage: engine-memory 2|3 DIR CARDS CACHE_MIB fill|flush|read".into());
+        return Err("usage: engine-memory 2|3 DIR CARDS CACHE_MIB fill|flush|read|detok".into());
     };
     let cards: u64 = cards.parse()?;
     let cache = cache_mib.parse::<u64>()? << 20;
@@ -254,7 +286,12 @@ fn main() -> Result<()> {
         }
         "3" => {
             let db = fjall3::Database::builder(dir).cache_size(cache).open()?;
-            let ks = db.keyspace("vault", fjall3::KeyspaceCreateOptions::default)?;
+            let expect_hits = std::env::var("EXPECT_HITS").is_ok_and(|v| v == "1");
+            let ks = db.keyspace("vault", || {
+                fjall3::KeyspaceCreateOptions::default()
+                    .max_memtable_size(16 << 20)
+                    .expect_point_read_hits(expect_hits)
+            })?;
             run(Fjall3(db, ks), cards, mode)
         }
         other => Err(format!("engine {other}: expected 2 or 3").into()),
