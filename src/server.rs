@@ -530,19 +530,24 @@ impl Service {
             .with_peer_limit(peers),
         );
 
-        let metrics_server = match self.metrics_listen {
+        // The vault's gauges are sampled only where they are served: the
+        // card count reads every card record, which on a large vault is
+        // seconds of CPU and a sweep of the engine's cache, for no reader.
+        let (metrics_server, sampler) = match self.metrics_listen {
             Some(at) => {
                 let listener = crate::metrics::bind(at)
                     .await
                     .map_err(|source| StartError::Listen { addr: at, source })?;
-                Some(tokio::spawn(crate::metrics::serve(listener)))
+                (
+                    Some(tokio::spawn(crate::metrics::serve(listener))),
+                    Some(tokio::spawn(crate::metrics::sample_vault(
+                        self.vault.clone(),
+                        SAMPLE_EVERY,
+                    ))),
+                )
             }
-            None => None,
+            None => (None, None),
         };
-        let sampler = tokio::spawn(crate::metrics::sample_vault(
-            self.vault.clone(),
-            SAMPLE_EVERY,
-        ));
         if let Some(addr) = addr {
             tracing::info!(%addr, "vcn serving gRPC");
         }
@@ -616,7 +621,9 @@ impl Service {
         if let Some(p) = &purger {
             p.abort();
         }
-        sampler.abort();
+        if let Some(s) = sampler {
+            s.abort();
+        }
         if let Some(m) = metrics_server {
             m.abort();
         }

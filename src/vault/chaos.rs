@@ -16,6 +16,9 @@ pub struct ChaosStore {
     update_delay_ms: AtomicU64,
     /// When set, every update fails as a full disk would.
     fail_updates: AtomicBool,
+    /// Scans of the card records so far: what reads every card (the
+    /// metrics' card count, the retention pass, re-encryption) shows here.
+    card_scans: AtomicU64,
 }
 
 impl ChaosStore {
@@ -24,6 +27,7 @@ impl ChaosStore {
             inner,
             update_delay_ms: AtomicU64::new(0),
             fail_updates: AtomicBool::new(false),
+            card_scans: AtomicU64::new(0),
         })
     }
 
@@ -34,6 +38,11 @@ impl ChaosStore {
 
     pub fn set_fail_updates(&self, fail: bool) {
         self.fail_updates.store(fail, Ordering::SeqCst);
+    }
+
+    /// How many scans of the card records (pages of them) were made.
+    pub fn card_scans(&self) -> u64 {
+        self.card_scans.load(Ordering::SeqCst)
     }
 }
 
@@ -49,6 +58,9 @@ impl Store for ChaosStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        if prefix == crate::vault::records::CARD_PREFIX {
+            self.card_scans.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.scan(prefix, after, limit).await
     }
 
