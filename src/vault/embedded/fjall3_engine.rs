@@ -45,8 +45,10 @@ const MEMTABLE: u64 = 16 * 1024 * 1024;
 /// partition of each into the cache. Unpartitioned, L1 and L2 tables keep
 /// their index and filter whole, hundreds of KiB each, outside memory
 /// (only L0's are pinned): a random read over a large vault misses the
-/// cache and reads, checksums and searches the whole block. That made
-/// Detokenize cost 108 us of server CPU at 2 M cards against 47 empty
+/// cache and reads, checksums and searches the whole block, which is what
+/// a profile of Detokenize after a 2 M-card fill showed. Measured in
+/// turns, not a clear fix: Detokenize's server CPU after such a fill was
+/// 1.1-2.5x its empty-vault figure with this, 1.8-2.8x without it
 /// (BENCHMARKS.md, session 10).
 const PARTITIONED: [bool; 2] = [false, true];
 
