@@ -19,6 +19,12 @@
 //! With `fill`, a first round runs on the vault as it is, the tool then
 //! issues `fill` more cards, and a second round runs on the full vault.
 //!
+//! With the server's process watched (in-process, or `--server-pid`), each
+//! operation also reports the server's CPU per call (`srv µs`) and, of
+//! that, its storage engine's own threads' (`eng µs`: flushes and
+//! compactions, which earlier rounds' writes may have left, so a read-only
+//! operation can show some).
+//!
 //! After the rounds it checks what the service answered: the hot card's
 //! spent equals the sum of the approvals it got and never exceeds its cap;
 //! each pool card's spent equals its approvals; single-use cards attacked by
@@ -146,21 +152,40 @@ impl Watched {
 
     /// CPU time (user + system) the server has used, in microseconds.
     pub fn cpu_us(&self) -> Option<u64> {
+        self.cpu().map(|c| c.total_us)
+    }
+
+    /// The server's CPU time, in microseconds: all of it, and the part its
+    /// storage engine's own threads used.
+    pub fn cpu(&self) -> Option<ServerCpu> {
         let total = proc_cpu_us(&format!("/proc/{}/stat", self.pid))?;
-        let Some(prefix) = &self.exclude_threads else {
-            return Some(total);
-        };
-        let mut other = 0;
+        let mut threads = Vec::new();
         for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
             let Ok(entry) = entry else { continue };
             let dir = entry.path();
-            let named = std::fs::read_to_string(dir.join("comm"))
-                .is_ok_and(|c| c.trim_end().starts_with(prefix.as_str()));
-            if named {
-                other += proc_cpu_us(&dir.join("stat").to_string_lossy()).unwrap_or(0);
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let cpu = proc_cpu_us(&dir.join("stat").to_string_lossy()).unwrap_or(0);
+            let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+            threads.push((tid, comm.trim_end().to_string(), cpu));
+        }
+        Some(self.split(total, &threads))
+    }
+
+    /// Splits the process's `total` over its `threads` (id, name, CPU µs).
+    fn split(&self, total: u64, threads: &[(u32, String, u64)]) -> ServerCpu {
+        let (mut excluded, mut engine) = (0, 0);
+        for (tid, name, cpu) in threads {
+            let exclude = self.exclude_threads.as_deref();
+            if exclude.is_some_and(|p| name.starts_with(p)) {
+                excluded += cpu;
+            } else if !serves(name) && *tid != self.pid {
+                engine += cpu;
             }
         }
-        Some(total.saturating_sub(other))
+        ServerCpu {
+            total_us: total.saturating_sub(excluded),
+            engine_us: engine,
+        }
     }
 
     /// Resident memory now and at its peak, in bytes.
@@ -172,6 +197,28 @@ impl Watched {
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
+}
+
+/// A watched server's CPU time so far, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerCpu {
+    /// All its threads (less the load tool's, in-process).
+    pub total_us: u64,
+    /// The storage engine's own threads, those running now: fjall's
+    /// flushes and compactions, sled's I/O threads. (A thread that exited
+    /// is in `total_us` only: fjall 2 flushes each memtable on a thread of
+    /// its own.) Work the calls of one round left in the engine (a
+    /// compaction) may land in a later round.
+    pub engine_us: u64,
+}
+
+/// Threads that run the service's own work, named by the service: the
+/// runtime's workers and blocking threads (`tokio-rt-worker` by default,
+/// `vcn-server` in-process) and the service's threads (`vcn-committer`,
+/// `vcn-audit-journal`, `vcn-log`). The rest, less the main thread, are the
+/// storage engine's.
+fn serves(thread_name: &str) -> bool {
+    thread_name.starts_with("tokio-rt-worker") || thread_name.starts_with("vcn-")
 }
 
 /// How often the wait after a fill looks at the server's CPU.
@@ -269,6 +316,10 @@ pub struct OpResult {
     /// in microseconds, when its process is watched: what an operation
     /// costs, steadier on a shared machine than throughput.
     pub server_cpu_us_per_call: Option<f64>,
+    /// Of that, what the storage engine's own threads used (flushes and
+    /// compactions, [`ServerCpu::engine_us`]), per call: work the round's
+    /// own calls may not have caused, left over from earlier writes.
+    pub engine_cpu_us_per_call: Option<f64>,
     /// The first error seen, if any (a status code and message: never a
     /// card number).
     pub first_error: Option<String>,
@@ -302,6 +353,7 @@ pub struct OpSummary {
     /// Median of the per-repeat ratios to the floor.
     pub ratio_to_floor: Option<f64>,
     pub server_cpu_us_per_call: Option<f64>,
+    pub engine_cpu_us_per_call: Option<f64>,
     pub errors: u64,
 }
 
@@ -351,6 +403,11 @@ fn summarise(rounds: &[Round]) -> Vec<PhaseSummary> {
                 server_cpu_us_per_call: median(
                     each.iter()
                         .filter_map(|o| o.server_cpu_us_per_call)
+                        .collect(),
+                ),
+                engine_cpu_us_per_call: median(
+                    each.iter()
+                        .filter_map(|o| o.engine_cpu_us_per_call)
                         .collect(),
                 ),
                 errors: each.iter().map(|o| o.errors).sum(),
@@ -477,7 +534,7 @@ impl Report {
                     .unwrap_or_default()
             ));
             s.push_str(&format!(
-                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>8}\n",
+                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
                 "operation",
                 "calls/s",
                 "p50 ms",
@@ -487,11 +544,12 @@ impl Report {
                 "floor",
                 "errors",
                 "declined",
-                "srv µs"
+                "srv µs",
+                "eng µs"
             ));
             for o in &r.ops {
                 s.push_str(&format!(
-                    "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8} {:>8}\n",
+                    "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
                     o.op.name(),
                     o.throughput,
                     o.p50_us as f64 / 1000.0,
@@ -503,7 +561,8 @@ impl Report {
                         .unwrap_or_else(|| "-".into()),
                     o.errors,
                     o.declined,
-                    cpu_text(o.server_cpu_us_per_call)
+                    cpu_text(o.server_cpu_us_per_call),
+                    cpu_text(o.engine_cpu_us_per_call)
                 ));
                 if let Some(e) = &o.first_error {
                     s.push_str(&format!("    first error: {e}\n"));
@@ -523,7 +582,7 @@ impl Report {
                     p.cards_issued_before
                 ));
                 s.push_str(&format!(
-                    "{:<14} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8}\n",
+                    "{:<14} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>7}\n",
                     "operation",
                     "calls/s",
                     "p50 ms",
@@ -531,11 +590,12 @@ impl Report {
                     "p999 ms",
                     "floor",
                     "errors",
-                    "srv µs"
+                    "srv µs",
+                    "eng µs"
                 ));
                 for o in &p.ops {
                     s.push_str(&format!(
-                        "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8}\n",
+                        "{:<14} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>8} {:>7}\n",
                         o.op.name(),
                         o.throughput,
                         o.p50_us as f64 / 1000.0,
@@ -545,7 +605,8 @@ impl Report {
                             .map(|r| format!("{:.0}%", r * 100.0))
                             .unwrap_or_else(|| "-".into()),
                         o.errors,
-                        cpu_text(o.server_cpu_us_per_call)
+                        cpu_text(o.server_cpu_us_per_call),
+                        cpu_text(o.engine_cpu_us_per_call)
                     ));
                 }
             }
@@ -750,9 +811,12 @@ enum Until {
 }
 
 impl Until {
-    fn next(&self) -> bool {
+    /// Whether task `task`, having made `made` calls, makes another. A
+    /// timed round's task 0 always makes its first, however late it
+    /// starts: a starved machine gives a slow figure, not none.
+    fn next(&self, task: usize, made: u64) -> bool {
         match self {
-            Until::Time(t) => Instant::now() < *t,
+            Until::Time(t) => (task == 0 && made == 0) || Instant::now() < *t,
             Until::Count(n, max) => n.fetch_add(1, Ordering::Relaxed) < *max,
         }
     }
@@ -793,7 +857,7 @@ where
             let (mut calls, mut errors, mut declined) = (0u64, 0u64, 0u64);
             let mut first_error = None;
             let mut seq = 0u64;
-            while until.next() {
+            while until.next(task, seq) {
                 let t0 = Instant::now();
                 let outcome = call(task, seq).await;
                 let us = t0.elapsed().as_micros() as u64;
@@ -860,6 +924,7 @@ fn result(op: Op, d: Driven) -> OpResult {
         max_us: d.hist.max(),
         ratio_to_floor: None,
         server_cpu_us_per_call: None,
+        engine_cpu_us_per_call: None,
         first_error: d.first_error,
     }
 }
@@ -969,13 +1034,15 @@ impl Run {
                 self.opts.duration
             ));
             let watched = self.opts.server_process.clone();
-            let cpu_before = watched.as_ref().and_then(Watched::cpu_us);
+            let cpu_before = watched.as_ref().and_then(Watched::cpu);
             let mut r = self.measure(op).await?;
-            let cpu_after = watched.as_ref().and_then(Watched::cpu_us);
+            let cpu_after = watched.as_ref().and_then(Watched::cpu);
             if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
                 let calls = r.calls + r.declined;
-                r.server_cpu_us_per_call =
-                    (calls > 0).then(|| b.saturating_sub(a) as f64 / calls as f64);
+                let per_call =
+                    |a: u64, b: u64| (calls > 0).then(|| b.saturating_sub(a) as f64 / calls as f64);
+                r.server_cpu_us_per_call = per_call(a.total_us, b.total_us);
+                r.engine_cpu_us_per_call = per_call(a.engine_us, b.engine_us);
             }
             ops.push(r);
         }
@@ -1725,5 +1792,78 @@ mod tests {
         assert!(!went_idle(500_000, ten_s), "5 % of a core is still busy");
         assert!(!went_idle(20_000_000, ten_s), "two cores compacting");
         assert!(!went_idle(1, Duration::ZERO));
+    }
+
+    #[test]
+    fn the_engine_share_is_the_threads_the_service_did_not_name() {
+        let server = Watched {
+            pid: 100,
+            exclude_threads: Some("vcn-bench-load".into()),
+        };
+        let threads: Vec<(u32, String, u64)> = [
+            (100, "vcn", 1),
+            (101, "tokio-rt-worker", 10),
+            (102, "vcn-server", 20),
+            (103, "vcn-committer", 40),
+            (104, "vcn-audit-journal", 80),
+            (105, "fjall:worker", 1000),
+            (106, "sled-io-3", 2000),
+            (107, "vcn-bench-load", 4000),
+            (108, "compaction", 8000),
+        ]
+        .into_iter()
+        .map(|(t, n, c)| (t, n.to_string(), c))
+        .collect();
+        // 50 µs of threads that exited: in the total only.
+        let split = server.split(15_201, &threads);
+        assert_eq!(split.total_us, 11_201, "the load tool's threads left out");
+        assert_eq!(
+            split.engine_us, 11_000,
+            "fjall's, sled's and fjall 2's threads"
+        );
+    }
+
+    #[test]
+    fn a_busy_engine_thread_shows_in_this_process_engine_share() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (keep_tx, keep_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("fjall:worker".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let stat = format!("/proc/self/task/{}/stat", unsafe { libc::gettid() });
+                let used = || proc_cpu_us(&stat).unwrap_or(0);
+                let mut x = 0u64;
+                while used() < 100_000 {
+                    for i in 0..100_000u64 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                }
+                let _ = done_tx.send(());
+                let _ = keep_rx.recv();
+            })
+            .unwrap();
+        done_rx.recv().unwrap();
+        let me = Watched {
+            pid: std::process::id(),
+            exclude_threads: None,
+        };
+        let cpu = me.cpu().unwrap();
+        assert!(cpu.engine_us >= 100_000, "{cpu:?}");
+        assert!(cpu.total_us >= cpu.engine_us, "{cpu:?}");
+        drop(keep_tx);
+    }
+
+    #[test]
+    fn a_timed_round_makes_one_call_however_late_it_starts() {
+        let over = Until::Time(Instant::now());
+        assert!(over.next(0, 0), "task 0's first call");
+        assert!(!over.next(0, 1));
+        assert!(!over.next(1, 0));
+        let running = Until::Time(Instant::now() + Duration::from_secs(60));
+        assert!(running.next(3, 7));
+        let counted = Until::Count(Arc::new(AtomicU64::new(0)), 2);
+        let made: Vec<bool> = (0..3).map(|_| counted.next(0, 0)).collect();
+        assert_eq!(made, [true, true, false], "a count is a count");
     }
 }

@@ -27,8 +27,9 @@ async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
         connections: 2,
         duration: Duration::from_millis(400),
         pool_cards: 32,
-        // Small enough that the hot card runs out: its cap must hold.
-        hot_cap: 5_000,
+        // Ten approvals: small enough that the hot card runs out even on a
+        // loaded machine. Its cap must hold.
+        hot_cap: 1_000,
         ..Options::default()
     };
     let report = bench::run(&target, &opts).await.expect("bench runs");
@@ -48,8 +49,18 @@ async fn the_load_tool_measures_every_operation_without_errors_or_overspend() {
         c.hot_spent, c.hot_approved_sum,
         "spent is the sum of approvals"
     );
-    assert!(c.hot_spent <= 5_000, "the hot card never exceeds its cap");
-    assert_eq!(c.hot_approvals, 50, "the cap was reached exactly");
+    assert!(c.hot_spent <= 1_000, "the hot card never exceeds its cap");
+    assert!(c.hot_approvals <= 10, "{text}");
+    // Once declined for its cap, it had exactly ten approvals. (Whether
+    // the round got that far in 400 ms is up to the machine: no timing
+    // is asserted.)
+    let hot = report.rounds[0]
+        .ops
+        .iter()
+        .find(|o| o.op == Op::AuthorizeHot);
+    if hot.is_some_and(|o| o.declined > 0) {
+        assert_eq!(c.hot_approvals, 10, "the cap was reached exactly");
+    }
     assert_eq!(c.pool_mismatches, 0);
     assert!(c.pool_cards_checked >= 32);
     assert_eq!(
@@ -105,8 +116,12 @@ async fn repeated_rounds_of_the_lifecycle_never_replay_a_transaction_id() {
         for o in &r.ops {
             assert!(o.calls > 0, "{text}");
             assert_eq!(o.errors, 0, "{:?}: {:?}\n{text}", o.op, o.first_error);
+            // The watched server's CPU, and its engine threads' share.
+            assert!(o.server_cpu_us_per_call.is_some(), "{text}");
+            assert!(o.engine_cpu_us_per_call.is_some(), "{text}");
         }
     }
+    assert!(text.contains("srv µs  eng µs"), "{text}");
     let c = &report.checks;
     assert!(c.ok, "{:?}", c.problems);
     assert_eq!(c.hot_spent, c.hot_approved_sum, "{text}");
