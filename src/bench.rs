@@ -1628,6 +1628,8 @@ pub struct LocalOptions {
     pub retention: Option<Duration>,
     /// The commit delay (`commit_delay_us`), to measure its trade-off.
     pub commit_delay_us: u64,
+    /// The server's request threads (`worker_threads`; 0: one per core).
+    pub worker_threads: usize,
 }
 
 impl Default for LocalOptions {
@@ -1638,6 +1640,7 @@ impl Default for LocalOptions {
             engine: config.engine,
             retention: None,
             commit_delay_us: config.commit_delay_us,
+            worker_threads: config.worker_threads,
         }
     }
 }
@@ -1670,6 +1673,7 @@ impl LocalServer {
             engine: options.engine,
             compressed_retention: options.retention,
             commit_delay_us: options.commit_delay_us,
+            worker_threads: options.worker_threads,
             ..crate::config::Config::default()
         };
         let tag = format!("{:08x}", next_random(&mut seed()) as u32);
@@ -1685,8 +1689,8 @@ impl LocalServer {
         let thread = std::thread::Builder::new()
             .name("vcn-bench-server".into())
             .spawn(move || -> Result<(), String> {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
+                let rt = cfg
+                    .runtime()
                     .thread_name("vcn-server")
                     .build()
                     .map_err(|e| e.to_string())?;

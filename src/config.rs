@@ -76,6 +76,14 @@ pub struct Config {
     /// write, at up to this much added latency. A lone write never waits.
     /// 0: no wait.
     pub commit_delay_us: u64,
+    /// Threads that run requests (the async runtime's workers); 0: one per
+    /// core. The embedded store reads on these threads, so a read that
+    /// misses the page cache holds one while the disk answers: where the
+    /// vault is larger than what the page cache keeps, more threads than
+    /// cores keep the disk busy and the other calls moving (BENCHMARKS.md,
+    /// session 11: 8 on 2 cores held a 10 M-card vault's latencies at
+    /// its empty figures). At most [`MAX_WORKER_THREADS`].
+    pub worker_threads: usize,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
     /// Longest a call may take, in milliseconds (DEADLINE_EXCEEDED past it;
@@ -216,6 +224,7 @@ impl Default for Config {
             compressed_retention: None,
             cache_capacity_mib: 256,
             commit_delay_us: crate::vault::gather::DEFAULT_COMMIT_DELAY.as_micros() as u64,
+            worker_threads: 0,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_concurrent_per_connection: 256,
@@ -340,6 +349,11 @@ impl Config {
                 "commit_delay_us must be at most {MAX_COMMIT_DELAY_US} (it adds up to that much to every write under load)"
             )));
         }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core)"
+            )));
+        }
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
@@ -437,6 +451,22 @@ impl Config {
 /// Longest commit delay accepted: 100 ms.
 pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
+/// The most request threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+impl Config {
+    /// The multi-threaded runtime the server runs on, with
+    /// `worker_threads` workers (tokio's default, one per core, for 0).
+    pub fn runtime(&self) -> tokio::runtime::Builder {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.enable_all();
+        if self.worker_threads > 0 {
+            b.worker_threads(self.worker_threads);
+        }
+        b
+    }
+}
+
 fn seconds(d: std::time::Duration) -> time::Duration {
     time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
@@ -476,6 +506,23 @@ mod tests {
         std::fs::write(&path, "commit_delay_us = 100001\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("commit_delay_us must be at most 100000"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_reach_the_runtime_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(&path, "worker_threads = 3\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        let rt = c.runtime().build().unwrap();
+        assert_eq!(rt.metrics().num_workers(), 3);
+        let cores = Config::default().runtime().build().unwrap();
+        let cores = cores.metrics().num_workers();
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(cores, available, "0: one per core");
+        std::fs::write(&path, "worker_threads = 1025\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("worker_threads must be at most 1024"), "{e}");
     }
 
     #[test]

@@ -344,10 +344,7 @@ pub fn main() -> ExitCode {
             if let Some(k) = keys_dir {
                 cfg.keys_dir = k;
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match cfg.runtime().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(EXIT_UNAVAILABLE, format!("cannot start the runtime: {e}")),
             };
