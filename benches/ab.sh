@@ -29,7 +29,7 @@ rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     f = line.split()
     # label op calls/s p50 p99 p999 max floor errors declined srv_us eng_us
-    rows[(f[0], f[1])].append((float(f[2]), float(f[4]), f[7], f[8], float(f[11]), float(f[12])))
+    rows[(f[0], f[1])].append((float(f[2]), float(f[4]), f[7], f[8], float(f[10]), float(f[11])))
 for (label, op), v in sorted(rows.items(), key=lambda x: (x[0][1], x[0][0])):
     print(f"{op:14} {label:10} calls/s {st.median(x[0] for x in v):8.0f}"
           f"  p99 ms {st.median(x[1] for x in v):6.2f}  floor {[x[2] for x in v]}"
