@@ -447,17 +447,10 @@ impl Config {
             commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
         }
     }
-}
 
-/// Longest commit delay accepted: 100 ms.
-pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
-
-/// The most request threads `worker_threads` may ask for.
-pub const MAX_WORKER_THREADS: usize = 1024;
-
-impl Config {
-    /// The multi-threaded runtime the server runs on, with
-    /// `worker_threads` workers (tokio's default, one per core, for 0).
+    /// A builder of the multi-threaded runtime the server runs on, with
+    /// `worker_threads` workers (tokio's default, one per core, for 0);
+    /// callers may name its threads before building it.
     pub fn runtime(&self) -> tokio::runtime::Builder {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.enable_all();
@@ -467,6 +460,12 @@ impl Config {
         b
     }
 }
+
+/// Longest commit delay accepted: 100 ms.
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
+
+/// The most request threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 fn seconds(d: std::time::Duration) -> time::Duration {
     time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
