@@ -44,20 +44,23 @@ fn marker_path(keys_dir: &Path) -> PathBuf {
     keys_dir.join(MARKER_FILE)
 }
 
-/// Refuses an empty store when the keys directory has served a vault.
-pub fn check(
-    keys_dir: &Path,
-    store: &str,
-    store_has_vault: bool,
-    new_vault: bool,
-) -> Result<(), InstallationError> {
-    if store_has_vault || new_vault {
-        return Ok(());
-    }
+/// What the keys directory's marker said when it was read: read it
+/// BEFORE asking the store whether it holds a vault. Instances that share
+/// a database (and a keys directory) may start at once on an empty one:
+/// the first writes the vault's key check value to the store, then the
+/// marker. Read in that order, a marker that is there means the store
+/// check that follows sees the vault; read the other way round, the
+/// second instance could see the store still empty and then the first's
+/// marker, and refuse a vault that exists.
+#[derive(Debug)]
+pub struct Recorded(Option<Marker>);
+
+/// Reads the keys directory's marker (see [`Recorded`] for when).
+pub fn recorded(keys_dir: &Path) -> Result<Recorded, InstallationError> {
     let path = marker_path(keys_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recorded(None)),
         Err(e) => {
             return Err(InstallationError::File {
                 path,
@@ -69,12 +72,30 @@ pub fn check(
         path: path.clone(),
         reason: format!("not an installation marker: {e}"),
     })?;
-    Err(InstallationError::EmptyStore {
-        store: store.to_string(),
-        marker: path,
-        was: m.store,
-        created: m.created_at,
-    })
+    Ok(Recorded(Some(m)))
+}
+
+/// Refuses an empty store when the keys directory had served a vault by
+/// the time `recorded` was read, and the store was asked after that.
+pub fn check(
+    recorded: Recorded,
+    keys_dir: &Path,
+    store: &str,
+    store_has_vault: bool,
+    new_vault: bool,
+) -> Result<(), InstallationError> {
+    if store_has_vault || new_vault {
+        return Ok(());
+    }
+    match recorded.0 {
+        None => Ok(()),
+        Some(m) => Err(InstallationError::EmptyStore {
+            store: store.to_string(),
+            marker: marker_path(keys_dir),
+            was: m.store,
+            created: m.created_at,
+        }),
+    }
 }
 
 /// Records that this keys directory now serves a vault.
@@ -112,14 +133,44 @@ pub fn record(
 mod tests {
     use super::*;
 
+    fn check_now(dir: &Path, has_vault: bool, new_vault: bool) -> Result<(), InstallationError> {
+        check(recorded(dir)?, dir, "data", has_vault, new_vault)
+    }
+
     #[test]
     fn an_empty_store_is_refused_only_after_a_vault_was_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        check(dir.path(), "data", false, false).unwrap();
+        check_now(dir.path(), false, false).unwrap();
         record(dir.path(), "data", "0123456789abcdef").unwrap();
-        let err = check(dir.path(), "data", false, false).unwrap_err();
+        let err = check_now(dir.path(), false, false).unwrap_err();
         assert!(err.to_string().contains("--new-vault"), "{err}");
-        check(dir.path(), "data", true, false).unwrap();
-        check(dir.path(), "data", false, true).unwrap();
+        check_now(dir.path(), true, false).unwrap();
+        check_now(dir.path(), false, true).unwrap();
+    }
+
+    /// Two instances starting at once on one empty database: the second
+    /// read the marker (none yet), then the first created the vault and
+    /// recorded it, then the second found the store... as it was when it
+    /// looked, empty. What was read first decides: it starts.
+    #[test]
+    fn a_marker_written_after_it_was_read_does_not_refuse_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = recorded(dir.path()).unwrap();
+        record(dir.path(), "db", "0123456789abcdef").unwrap();
+        check(before, dir.path(), "db", false, false).unwrap();
+        // Read after it was written, the marker refuses an empty store.
+        let after = recorded(dir.path()).unwrap();
+        assert!(check(after, dir.path(), "db", false, false).is_err());
+    }
+
+    #[test]
+    fn a_marker_that_is_not_one_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MARKER_FILE), "{").unwrap();
+        let err = recorded(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(MARKER_FILE) && err.contains("not an installation marker"),
+            "{err}"
+        );
     }
 }

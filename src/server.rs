@@ -178,18 +178,28 @@ pub async fn open_vault(
     let vault_config = config.vault()?;
     let (keys, store, existing, describe) = match &config.store {
         None => {
-            // Check the key and the installation before sled creates the
-            // data directory.
+            // Check the key and the installation before the engine creates
+            // the data directory.
+            let recorded = installation::recorded(&config.keys_dir)?;
             let existing = has_data(&config.data_dir);
             let describe = config.data_dir.display().to_string();
-            installation::check(&config.keys_dir, &describe, existing, config.new_vault)?;
+            installation::check(
+                recorded,
+                &config.keys_dir,
+                &describe,
+                existing,
+                config.new_vault,
+            )?;
             let keys = load_keys(config, existing, describe.clone())?;
             (keys, open_store(config).await?, existing, describe)
         }
         Some(url) => {
             let store = open_store(config).await?;
+            // The marker first, then the store (see `installation::Recorded`).
+            let recorded = installation::recorded(&config.keys_dir)?;
             let existing = crate::vault::store_has_vault(store.as_ref()).await?;
             installation::check(
+                recorded,
                 &config.keys_dir,
                 &url.describe(),
                 existing,
