@@ -24,9 +24,10 @@ pub struct Config {
     pub new_vault: bool,
     /// Where the vault keeps its data with the embedded store.
     pub data_dir: PathBuf,
-    /// The embedded store's engine for a new data directory: "fjall" (the
-    /// default) or "sled". A directory that holds a vault keeps the engine
-    /// it was made with (recorded in it), whatever this says.
+    /// The embedded store's engine for a new data directory: "fjall3" (the
+    /// default), "fjall" (fjall 2) or "sled". A directory that holds a vault
+    /// keeps the engine it was made with (recorded in it), whatever this
+    /// says.
     pub engine: EngineKind,
     /// The storage engine: unset for the embedded one (in `data_dir`), or
     /// a PostgreSQL URL (`postgres://user:password@host:port/db`) shared by

@@ -64,9 +64,9 @@ pub struct BenchArgs {
     /// In-process server only: the embedded engine's cache in MiB.
     #[arg(long, default_value_t = 256, conflicts_with = "server")]
     cache_mib: u64,
-    /// In-process server only: the engine of a new vault (fjall, fjall3 or
+    /// In-process server only: the engine of a new vault (fjall3, fjall or
     /// sled).
-    #[arg(long, default_value = "fjall", conflicts_with = "server")]
+    #[arg(long, default_value = "fjall3", conflicts_with = "server")]
     engine: crate::vault::embedded::EngineKind,
     /// In-process server only: keep ended cards, transactions and events
     /// this long (and quarantine numbers as long), with the retention pass

@@ -44,8 +44,8 @@ enum Command {
         /// Where the vault keeps its data [default: ./data].
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// The embedded engine of a new data directory: fjall, fjall3 or
-        /// sled [default: fjall]. An existing one keeps its own.
+        /// The embedded engine of a new data directory: fjall3, fjall or
+        /// sled [default: fjall3]. An existing one keeps its own.
         #[arg(long, env = "VCN_ENGINE")]
         engine: Option<EngineKind>,
         /// Where the master key and clients live [default: ./keys].
@@ -111,10 +111,10 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = "keys")]
         keys_dir: PathBuf,
-        /// The engine of the restored vault: fjall, fjall3 or sled (a
+        /// The engine of the restored vault: fjall3, fjall or sled (a
         /// backup is the same for all: restoring is how a vault changes
         /// engine).
-        #[arg(long, env = "VCN_ENGINE", default_value = "fjall")]
+        #[arg(long, env = "VCN_ENGINE", default_value = "fjall3")]
         engine: EngineKind,
     },
     /// Manage API clients.

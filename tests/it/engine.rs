@@ -2,8 +2,8 @@
 //! the tests use.
 //!
 //! - `VCN_TEST_ENGINE` picks the engine every test body runs against:
-//!   `fjall` (the default, as for a new vault), `sled` (the engine of older
-//!   vaults), or `postgres`. With PostgreSQL each test gets a fresh database
+//!   `fjall3` (the default, as for a new vault), `fjall` (fjall 2, and
+//!   `sled`: the engines of older vaults), or `postgres`. With PostgreSQL each test gets a fresh database
 //!   on the server named
 //!   by `VCN_TEST_POSTGRES_URL` (a superuser URL, e.g. the throwaway cluster
 //!   `.ci/postgres.sh` starts), so tests stay independent and parallel.

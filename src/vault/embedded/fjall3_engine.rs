@@ -1,5 +1,5 @@
-//! fjall 3 under the embedded store: the engine `fjall3`, for new vaults
-//! when configured (`engine = "fjall3"`).
+//! fjall 3 under the embedded store: the engine `fjall3`, the default for
+//! new vaults.
 //!
 //! The same LSM design as fjall 2 ([`super::fjall_engine`]), in a new
 //! on-disk format, so a vault made on one is never opened by the other

@@ -1,4 +1,6 @@
-//! fjall 2 under the embedded store: the default engine of new vaults.
+//! fjall 2 under the embedded store: the engine `fjall`, of vaults made
+//! before fjall 3 ([`super::fjall3_engine`]) was the default, and of new
+//! ones when configured.
 //!
 //! An LSM tree: a round's batch goes to fjall's journal and memtable, and
 //! `persist(SyncData)` makes the journal durable (one write and sync per

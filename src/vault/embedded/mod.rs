@@ -585,17 +585,18 @@ pub type Fjall3Store = EmbeddedStore<Fjall3>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
-    /// An LSM tree: the default for new vaults (BENCHMARKS.md: 1.4-1.6x
-    /// the writes a second of sled, a quarter of its disk, flat to 10 M
-    /// cards).
-    #[default]
+    /// fjall 2, an LSM tree: the engine of vaults made before fjall 3 was
+    /// the default (BENCHMARKS.md: 1.4-1.6x the writes a second of sled, a
+    /// quarter of its disk, flat latency to 10 M cards), whose bloom
+    /// filters are memory outside the cache, about 8 bytes a card.
     Fjall,
     /// sled 0.34, the engine of earlier vaults.
     Sled,
     /// fjall 3: the same design in a new on-disk format, whose filters and
     /// indexes live in its cache, so memory stays bounded by the cache
-    /// setting as the vault grows (BENCHMARKS.md, session 9). For new
-    /// vaults when configured.
+    /// setting as the vault grows (BENCHMARKS.md, sessions 9 and 12). The
+    /// default for new vaults.
+    #[default]
     Fjall3,
 }
 
@@ -1511,10 +1512,10 @@ mod tests {
         let s = open(&d, EngineKind::Fjall, &EngineOptions::default()).unwrap();
         assert_eq!(s.get(b"k").await.unwrap(), Some(b"v".to_vec()));
         drop(s);
-        // And the default makes fjall.
+        // And the default makes fjall 3.
         let f = dir.path().join("new");
         open(&f, EngineKind::default(), &EngineOptions::default()).unwrap();
-        assert_eq!(engine_of(&f).unwrap(), Some(EngineKind::Fjall));
+        assert_eq!(engine_of(&f).unwrap(), Some(EngineKind::Fjall3));
         // A fjall 3 vault is recorded as such, and a fjall (2) one asked of
         // it is opened as fjall 3: the two formats are never mixed.
         let f3 = dir.path().join("new3");
