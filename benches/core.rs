@@ -16,7 +16,7 @@ use vcn::domain::number::NumberPlan;
 use vcn::domain::pan::{luhn_check_digit, luhn_valid};
 use vcn::domain::{Card, CardId, CardPolicy, CardState, Cvv, Mcc, MerchantId, Money, Owner, Pan};
 use vcn::vault::crypto::{Keyring, RandomDigits, KEY_LEN};
-use vcn::vault::embedded::{EngineOptions, FjallStore};
+use vcn::vault::embedded::{EngineOptions, Fjall3Store};
 use vcn::vault::{system_clock, AuthorizeRequest, IssueRequest, IssuedCard, Presented, Vault};
 
 const FUNDING: &str = "4111111111111111";
@@ -140,7 +140,7 @@ fn open_vault() -> Bench {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = FjallStore::open(dir.path(), &EngineOptions::default()).unwrap();
+    let store = Fjall3Store::open(dir.path(), &EngineOptions::default()).unwrap();
     let vault = rt
         .block_on(Vault::open(
             Arc::new(store),

@@ -876,7 +876,7 @@ pub fn export(
 mod tests {
     use super::*;
     use crate::vault::chaos::ChaosStore;
-    use crate::vault::embedded::{EngineOptions, FjallStore};
+    use crate::vault::embedded::{EngineOptions, Fjall3Store};
 
     /// The sealer writes each line from the bytes its MAC covers: the line
     /// must be what serialising the sealed entry gives, and its MAC the one
@@ -935,7 +935,7 @@ mod tests {
     impl Fixture {
         fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let store = FjallStore::open(
+            let store = Fjall3Store::open(
                 &dir.path().join("data"),
                 &EngineOptions {
                     cache_capacity: 8 * 1024 * 1024,

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::*;
 use crate::config::Config;
 use crate::vault::crypto::KEY_LEN;
-use crate::vault::embedded::{EngineOptions, FjallStore};
+use crate::vault::embedded::{EngineOptions, Fjall3Store};
 use crate::vault::records::event_seq_key;
 use crate::vault::store::{Decide, ExportSink};
 
@@ -68,12 +68,13 @@ fn master(byte: u8) -> crypto::MasterKey {
     Zeroizing::new([byte; KEY_LEN])
 }
 
-/// A vault over fjall in a temporary directory, under key version 1.
+/// A vault over fjall 3 (the default engine) in a temporary directory,
+/// under key version 1.
 async fn open() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let fjall = FjallStore::open(dir.path(), &EngineOptions::default()).unwrap();
+    let engine = Fjall3Store::open(dir.path(), &EngineOptions::default()).unwrap();
     let store = Arc::new(CountingStore {
-        inner: Arc::new(fjall),
+        inner: Arc::new(engine),
         card_gets: AtomicU64::new(0),
     });
     let vault = Vault::open(

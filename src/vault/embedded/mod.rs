@@ -1,7 +1,8 @@
 //! The embedded store: one key-value engine in the data directory
-//! (fjall for new vaults, [`fjall_engine`]; sled for vaults made before,
-//! [`sled_engine`]), striped key locks, group commit by a committer thread.
-//! Everything here is the same for both engines; an [`Engine`] only reads,
+//! (fjall 3 for new vaults, [`fjall3_engine`]; fjall 2, [`fjall_engine`],
+//! and sled, [`sled_engine`], for vaults made before or when configured),
+//! striped key locks, group commit by a committer thread.
+//! Everything here is the same for every engine; an [`Engine`] only reads,
 //! applies a batch, and makes what it applied durable.
 //!
 //! An update locks the stripes of its keys (in a fixed order, so two
