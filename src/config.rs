@@ -476,17 +476,20 @@ fn seconds(d: std::time::Duration) -> time::Duration {
 mod tests {
     use super::*;
 
+    /// Loads `text` as a configuration file (written to a temporary
+    /// `vcn.toml`, read back by [`Config::load`]).
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vcn.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
     #[test]
     fn defaults_are_valid_and_files_override_them() {
         assert!(Config::default().vault().is_ok());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(
-            &path,
-            "bin_length = 8\nrange_prefix = \"9\"\nlisten = \"127.0.0.1:6000\"\n",
-        )
-        .unwrap();
-        let c = Config::load(&path).unwrap();
+        let c =
+            load("bin_length = 8\nrange_prefix = \"9\"\nlisten = \"127.0.0.1:6000\"\n").unwrap();
         assert_eq!(
             (c.bin_length, c.range_prefix.as_str(), c.listen.port()),
             (8, "9", 6000)
@@ -496,46 +499,33 @@ mod tests {
 
     #[test]
     fn the_commit_delay_reaches_the_store_and_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(&path, "commit_delay_us = 250\n").unwrap();
-        let c = Config::load(&path).unwrap();
+        let c = load("commit_delay_us = 250\n").unwrap();
         assert_eq!(
             c.embedded().commit_delay,
             std::time::Duration::from_micros(250)
         );
-        std::fs::write(&path, "commit_delay_us = 100001\n").unwrap();
-        let e = Config::load(&path).unwrap_err().to_string();
+        let e = load("commit_delay_us = 100001\n").unwrap_err().to_string();
         assert!(e.contains("commit_delay_us must be at most 100000"), "{e}");
     }
 
     #[test]
     fn worker_threads_reach_the_runtime_and_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(&path, "worker_threads = 3\n").unwrap();
-        let c = Config::load(&path).unwrap();
+        let c = load("worker_threads = 3\n").unwrap();
         let rt = c.runtime().build().unwrap();
         assert_eq!(rt.metrics().num_workers(), 3);
         let cores = Config::default().runtime().build().unwrap();
         let cores = cores.metrics().num_workers();
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(cores, available, "0: one per core");
-        std::fs::write(&path, "worker_threads = 1025\n").unwrap();
-        let e = Config::load(&path).unwrap_err().to_string();
+        let e = load("worker_threads = 1025\n").unwrap_err().to_string();
         assert!(e.contains("worker_threads must be at most 1024"), "{e}");
     }
 
     #[test]
     fn a_store_url_is_checked_and_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(
-            &path,
-            "store = \"postgres://vcn:hunter2@127.0.0.1:5432/vcn\"\npostgres_pool_size = 4\n",
-        )
-        .unwrap();
-        let c = Config::load(&path).unwrap();
+        let c =
+            load("store = \"postgres://vcn:hunter2@127.0.0.1:5432/vcn\"\npostgres_pool_size = 4\n")
+                .unwrap();
         assert_eq!(
             c.store.as_ref().map(StoreUrl::expose),
             Some("postgres://vcn:hunter2@127.0.0.1:5432/vcn")
@@ -544,22 +534,14 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("127.0.0.1:5432"), "{shown}");
-        std::fs::write(&path, "store = \"mysql://x@y/z\"\n").unwrap();
-        let e = Config::load(&path).unwrap_err().to_string();
+        let e = load("store = \"mysql://x@y/z\"\n").unwrap_err().to_string();
         assert!(e.contains("PostgreSQL URL"), "{e}");
     }
 
     #[test]
     fn grpc_web_is_off_by_default_and_its_origins_are_checked() {
         assert!(!Config::default().grpc_web.enabled);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(
-            &path,
-            "[grpc_web]\nenabled = true\nallowed_origins = [\"http://localhost:5173\", \"https://Bank.example\"]\n",
-        )
-        .unwrap();
-        let c = Config::load(&path).unwrap();
+        let c = load("[grpc_web]\nenabled = true\nallowed_origins = [\"http://localhost:5173\", \"https://Bank.example\"]\n").unwrap();
         assert!(c.grpc_web.enabled);
         assert_eq!(
             c.grpc_web.origins().unwrap(),
@@ -583,26 +565,24 @@ mod tests {
             ),
             ("allowd_origins = []\n", "allowd_origins"),
         ] {
-            std::fs::write(&path, format!("[grpc_web]\n{text}")).unwrap();
-            let e = Config::load(&path).unwrap_err().to_string();
+            let e = load(&format!("[grpc_web]\n{text}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "{text}: {e}");
         }
     }
 
     #[test]
     fn bad_files_say_what_is_wrong() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vcn.toml");
-        std::fs::write(&path, "bin_length = 7\n").unwrap();
-        assert!(Config::load(&path)
+        assert!(load("bin_length = 7\n")
             .unwrap_err()
             .to_string()
             .contains("bin_length"));
-        std::fs::write(&path, "bin_lenght = 6\n").unwrap();
-        assert!(Config::load(&path)
+        assert!(load("bin_lenght = 6\n")
             .unwrap_err()
             .to_string()
             .contains("bin_lenght"));
+        let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             Config::load(&dir.path().join("none.toml")),
             Err(ConfigError::Read { .. })
