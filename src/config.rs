@@ -82,9 +82,10 @@ pub struct Config {
     /// misses the page cache holds one while the disk answers: where the
     /// vault is larger than what the page cache keeps, more threads than
     /// cores keep the disk busy and the other calls moving (BENCHMARKS.md,
-    /// session 11: 8 on 2 cores took a 10 M-card vault's authorisations
-    /// from 2.1x their empty-vault p50 to 0.9x in one run; in another its
-    /// compactions still cost 1.9x). At most [`MAX_WORKER_THREADS`].
+    /// session 11: with 8 on 2 cores, a 10 M-card vault's Detokenize p50
+    /// was 1.24x its empty-vault figure in one run and 2.74x in another,
+    /// where compactions took the CPU; 2 threads gave 2.93x, and 4.32x on
+    /// session 12's day). At most [`MAX_WORKER_THREADS`].
     pub worker_threads: usize,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
