@@ -80,9 +80,9 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u64).range(0..=crate::config::MAX_COMMIT_DELAY_US))]
     commit_delay_us: Option<u64>,
     /// In-process server only: its request threads (the `worker_threads`
-    /// setting; 0: one per core).
-    #[arg(long, default_value_t = 0, conflicts_with = "server", value_parser = clap::value_parser!(u16).range(0..=crate::config::MAX_WORKER_THREADS as i64))]
-    worker_threads: u16,
+    /// setting; 0: one per core) [default: the setting's]
+    #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u16).range(0..=crate::config::MAX_WORKER_THREADS as i64))]
+    worker_threads: Option<u16>,
     /// With --server on this machine: the server's process id, to report
     /// its CPU time per call and its memory each round [default with an
     /// in-process server: that server].
@@ -163,7 +163,9 @@ pub fn run(args: BenchArgs) -> ExitCode {
                 engine: args.engine,
                 retention: args.retention,
                 commit_delay_us: args.commit_delay_us.unwrap_or(defaults.commit_delay_us),
-                worker_threads: usize::from(args.worker_threads),
+                worker_threads: args
+                    .worker_threads
+                    .map_or(defaults.worker_threads, usize::from),
             };
             match LocalServer::start(args.data_dir.as_deref(), &options) {
                 Ok(s) => {
