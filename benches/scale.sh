@@ -14,6 +14,7 @@
 # vcn.toml, and with TRACE=1 trace{0,1}.raw and tasks{0,1}.{before,after};
 # the vault is OUTDIR/vault (about 420 bytes a card on fjall 3), kept.
 set -uo pipefail
+. "$(dirname "$0")/serve_lib.sh"
 bin=$(realpath "$1")
 engine=$2
 cards_n=$3
@@ -23,22 +24,13 @@ dir=$out/vault
 rm -rf "$dir"
 mkdir -p "$dir"
 cd "$dir" || exit 1
-port=$((20000 + RANDOM % 20000))
 {
   printf 'engine = "%s"\ndev_keys = true\n' "$engine"
   [ -n "${CACHE_MIB:-}" ] && echo "cache_capacity_mib = $CACHE_MIB"
   [ -n "${WORKER_THREADS:-}" ] && echo "worker_threads = $WORKER_THREADS"
 } >vcn.toml
 cp vcn.toml "$out/vcn.toml"
-RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$port" --config vcn.toml 2>serve.log &
-pid=$!
-for _ in $(seq 1 100); do
-  (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
-cards=$("$bin" client add bench-cards --role cards 2>/dev/null | tail -1)
-switch=$("$bin" client add bench-switch --role switch 2>/dev/null | tail -1)
-sleep 1.5 # clients are picked up within a second
+RUST_LOG=warn start_server "$bin" serve.log --config vcn.toml
 vmstat -t 1 >"$out/vmstat.txt" &
 vm=$!
 trace_round() { # PHASE: 0 before the fill, 1 after

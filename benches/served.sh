@@ -7,6 +7,7 @@
 # e.g.:  for i in 1 2 3; do benches/served.sh target/release/vcn info info; \
 #                          benches/served.sh target/release/vcn warn warn; done
 set -uo pipefail
+. "$(dirname "$0")/serve_lib.sh"
 bin=$(realpath "$1")
 level=$2
 label=$3
@@ -14,16 +15,7 @@ ops=${4:-health,authorize,detokenize}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cd "$dir" || exit 1
-port=$((20000 + RANDOM % 20000))
-RUST_LOG=$level "$bin" serve --listen "127.0.0.1:$port" 2>"$dir/serve.log" &
-pid=$!
-for _ in $(seq 1 100); do
-  (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
-cards=$("$bin" client add bench-cards --role cards 2>/dev/null | tail -1)
-switch=$("$bin" client add bench-switch --role switch 2>/dev/null | tail -1)
-sleep 1.5 # clients are picked up within a second
+RUST_LOG=$level start_server "$bin" "$dir/serve.log"
 VCN_CARDS_KEY=$cards VCN_SWITCH_KEY=$switch "$bin" bench --server "http://127.0.0.1:$port" \
   --server-pid "$pid" --ops "$ops" --duration 4s --quiet 2>&1 |
   grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " | sed "s/^/$label /"

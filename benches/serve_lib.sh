@@ -1,0 +1,21 @@
+# Sourced by the scripts that drive a real `vcn serve` (served.sh,
+# scale.sh): start one, and register the clients the load tool needs.
+
+# start_server BINARY LOG [SERVE ARGS...]: runs `BINARY serve` on a random
+# local port, in the current directory (its vault goes there), stderr to
+# LOG; waits for the port, then adds a cards and a switch client. Sets
+# port, pid, cards and switch (the clients' API keys).
+start_server() {
+  local bin=$1 log=$2
+  shift 2
+  port=$((20000 + RANDOM % 20000))
+  "$bin" serve --listen "127.0.0.1:$port" "$@" 2>"$log" &
+  pid=$!
+  for _ in $(seq 1 100); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  cards=$("$bin" client add bench-cards --role cards 2>/dev/null | tail -1)
+  switch=$("$bin" client add bench-switch --role switch 2>/dev/null | tail -1)
+  sleep 1.5 # clients are picked up within a second
+}
