@@ -66,7 +66,7 @@ pub struct BenchArgs {
     cache_mib: u64,
     /// In-process server only: the engine of a new vault (fjall3, fjall or
     /// sled).
-    #[arg(long, default_value = "fjall3", conflicts_with = "server")]
+    #[arg(long, default_value_t = crate::vault::embedded::EngineKind::default(), conflicts_with = "server")]
     engine: crate::vault::embedded::EngineKind,
     /// In-process server only: keep ended cards, transactions and events
     /// this long (and quarantine numbers as long), with the retention pass

@@ -114,7 +114,7 @@ enum Command {
         /// The engine of the restored vault: fjall3, fjall or sled (a
         /// backup is the same for all: restoring is how a vault changes
         /// engine).
-        #[arg(long, env = "VCN_ENGINE", default_value = "fjall3")]
+        #[arg(long, env = "VCN_ENGINE", default_value_t = EngineKind::default())]
         engine: EngineKind,
     },
     /// Manage API clients.

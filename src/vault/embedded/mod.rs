@@ -611,6 +611,14 @@ impl EngineKind {
     }
 }
 
+/// Its name as the config file and `--engine` spell it (what
+/// [`std::str::FromStr`] parses), so a flag can show the default variant.
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for EngineKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -1493,6 +1501,15 @@ mod tests {
 
     /// A new directory records its engine; an existing one opens as what
     /// it is whatever is asked, also one made before the record existed.
+    /// What an engine is shown as (a flag's default) parses back to it.
+    #[test]
+    fn an_engine_name_shown_parses_back() {
+        for kind in [EngineKind::Fjall3, EngineKind::Fjall, EngineKind::Sled] {
+            assert_eq!(kind.to_string().parse::<EngineKind>(), Ok(kind));
+        }
+        assert_eq!(EngineKind::default().to_string(), "fjall3");
+    }
+
     #[tokio::test]
     async fn a_data_directory_keeps_the_engine_it_was_made_with() {
         let dir = tempfile::tempdir().unwrap();
