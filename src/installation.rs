@@ -53,14 +53,21 @@ fn marker_path(keys_dir: &Path) -> PathBuf {
 /// second instance could see the store still empty and then the first's
 /// marker, and refuse a vault that exists.
 #[derive(Debug)]
-pub struct Recorded(Option<Marker>);
+pub struct Recorded {
+    /// The marker file read (named in a refusal).
+    path: PathBuf,
+    /// What it held, or `None` when there was none.
+    marker: Option<Marker>,
+}
 
 /// Reads the keys directory's marker (see [`Recorded`] for when).
 pub fn recorded(keys_dir: &Path) -> Result<Recorded, InstallationError> {
     let path = marker_path(keys_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recorded(None)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Recorded { path, marker: None })
+        }
         Err(e) => {
             return Err(InstallationError::File {
                 path,
@@ -72,14 +79,16 @@ pub fn recorded(keys_dir: &Path) -> Result<Recorded, InstallationError> {
         path: path.clone(),
         reason: format!("not an installation marker: {e}"),
     })?;
-    Ok(Recorded(Some(m)))
+    Ok(Recorded {
+        path,
+        marker: Some(m),
+    })
 }
 
 /// Refuses an empty store when the keys directory had served a vault by
 /// the time `recorded` was read, and the store was asked after that.
 pub fn check(
     recorded: Recorded,
-    keys_dir: &Path,
     store: &str,
     store_has_vault: bool,
     new_vault: bool,
@@ -87,11 +96,11 @@ pub fn check(
     if store_has_vault || new_vault {
         return Ok(());
     }
-    match recorded.0 {
+    match recorded.marker {
         None => Ok(()),
         Some(m) => Err(InstallationError::EmptyStore {
             store: store.to_string(),
-            marker: marker_path(keys_dir),
+            marker: recorded.path,
             was: m.store,
             created: m.created_at,
         }),
@@ -134,7 +143,7 @@ mod tests {
     use super::*;
 
     fn check_now(dir: &Path, has_vault: bool, new_vault: bool) -> Result<(), InstallationError> {
-        check(recorded(dir)?, dir, "data", has_vault, new_vault)
+        check(recorded(dir)?, "data", has_vault, new_vault)
     }
 
     #[test]
@@ -157,10 +166,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let before = recorded(dir.path()).unwrap();
         record(dir.path(), "db", "0123456789abcdef").unwrap();
-        check(before, dir.path(), "db", false, false).unwrap();
+        check(before, "db", false, false).unwrap();
         // Read after it was written, the marker refuses an empty store.
         let after = recorded(dir.path()).unwrap();
-        assert!(check(after, dir.path(), "db", false, false).is_err());
+        assert!(check(after, "db", false, false).is_err());
     }
 
     #[test]

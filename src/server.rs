@@ -183,13 +183,7 @@ pub async fn open_vault(
             let recorded = installation::recorded(&config.keys_dir)?;
             let existing = has_data(&config.data_dir);
             let describe = config.data_dir.display().to_string();
-            installation::check(
-                recorded,
-                &config.keys_dir,
-                &describe,
-                existing,
-                config.new_vault,
-            )?;
+            installation::check(recorded, &describe, existing, config.new_vault)?;
             let keys = load_keys(config, existing, describe.clone())?;
             (keys, open_store(config).await?, existing, describe)
         }
@@ -198,13 +192,7 @@ pub async fn open_vault(
             // The marker first, then the store (see `installation::Recorded`).
             let recorded = installation::recorded(&config.keys_dir)?;
             let existing = crate::vault::store_has_vault(store.as_ref()).await?;
-            installation::check(
-                recorded,
-                &config.keys_dir,
-                &url.describe(),
-                existing,
-                config.new_vault,
-            )?;
+            installation::check(recorded, &url.describe(), existing, config.new_vault)?;
             (
                 load_keys(config, existing, url.describe())?,
                 store,
