@@ -33,14 +33,17 @@ cp vcn.toml "$out/vcn.toml"
 RUST_LOG=warn start_server "$bin" serve.log --config vcn.toml
 vmstat -t 1 >"$out/vmstat.txt" &
 vm=$!
+thread_times() { # each server thread: id, name, user and system ticks
+  cat /proc/$pid/task/*/stat | awk '{print $1, $2, $14, $15}'
+}
 trace_round() { # PHASE: 0 before the fill, 1 after
   until grep -q "detokenize for 5s (phase $1, repeat 1)" "$out/run.txt" 2>/dev/null; do
     sleep 0.5
   done
   sleep 0.5
-  cat /proc/$pid/task/*/stat | awk '{print $1, $2, $14, $15}' >"$out/tasks$1.before"
+  thread_times >"$out/tasks$1.before"
   perf trace -s -p "$pid" -o "$out/trace$1.raw" -- sleep 3 2>/dev/null
-  cat /proc/$pid/task/*/stat | awk '{print $1, $2, $14, $15}' >"$out/tasks$1.after"
+  thread_times >"$out/tasks$1.after"
 }
 tracer=
 if [ "${TRACE:-0}" = 1 ]; then

@@ -3,9 +3,9 @@
 //!
 //! - `VCN_TEST_ENGINE` picks the engine every test body runs against:
 //!   `fjall3` (the default, as for a new vault), `fjall` (fjall 2, and
-//!   `sled`: the engines of older vaults), or `postgres`. With PostgreSQL each test gets a fresh database
-//!   on the server named
-//!   by `VCN_TEST_POSTGRES_URL` (a superuser URL, e.g. the throwaway cluster
+//!   `sled`: the engines of older vaults), or `postgres`. With PostgreSQL
+//!   each test gets a fresh database on the server named by
+//!   `VCN_TEST_POSTGRES_URL` (a superuser URL, e.g. the throwaway cluster
 //!   `.ci/postgres.sh` starts), so tests stay independent and parallel.
 //! - Tests that exist only for PostgreSQL (tests/it/postgres.rs) need that
 //!   URL, or the server binaries (`VCN_TEST_PG_BIN`, else Debian's
