@@ -1630,8 +1630,6 @@ pub struct LocalOptions {
     pub commit_delay_us: u64,
     /// The server's request threads (`worker_threads`; 0: one per core).
     pub worker_threads: usize,
-    /// The engine threads' nice value (`background_nice`).
-    pub background_nice: i32,
 }
 
 impl Default for LocalOptions {
@@ -1643,7 +1641,6 @@ impl Default for LocalOptions {
             retention: None,
             commit_delay_us: config.commit_delay_us,
             worker_threads: config.worker_threads,
-            background_nice: config.background_nice,
         }
     }
 }
@@ -1677,7 +1674,6 @@ impl LocalServer {
             compressed_retention: options.retention,
             commit_delay_us: options.commit_delay_us,
             worker_threads: options.worker_threads,
-            background_nice: options.background_nice,
             ..crate::config::Config::default()
         };
         let tag = format!("{:08x}", next_random(&mut seed()) as u32);

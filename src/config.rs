@@ -87,12 +87,6 @@ pub struct Config {
     /// where compactions took the CPU; 2 threads gave 2.93x, and 4.32x on
     /// session 12's day). At most [`MAX_WORKER_THREADS`].
     pub worker_threads: usize,
-    /// The nice value (0 to 19) of the embedded engine's own threads, which
-    /// flush memtables and compact: above the request threads' 0, so when
-    /// the cores are busy a compaction gets the CPU the calls leave, and an
-    /// idle box gives it all (BENCHMARKS.md, session 14). 0: the same
-    /// priority as the calls.
-    pub background_nice: i32,
     /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED past it).
     pub max_message_bytes: usize,
     /// Longest a call may take, in milliseconds (DEADLINE_EXCEEDED past it;
@@ -234,7 +228,6 @@ impl Default for Config {
             cache_capacity_mib: 256,
             commit_delay_us: crate::vault::gather::DEFAULT_COMMIT_DELAY.as_micros() as u64,
             worker_threads: 0,
-            background_nice: crate::vault::embedded::DEFAULT_BACKGROUND_NICE,
             max_message_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_concurrent_per_connection: 256,
@@ -364,11 +357,6 @@ impl Config {
                 "worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core)"
             )));
         }
-        if !(0..=MAX_BACKGROUND_NICE).contains(&self.background_nice) {
-            return Err(ConfigError::Invalid(format!(
-                "background_nice must be from 0 to {MAX_BACKGROUND_NICE} (0: the engine's threads at the calls' priority)"
-            )));
-        }
         if self.max_failed_verifications == 0 {
             return Err(ConfigError::Invalid(
                 "max_failed_verifications must be at least 1".into(),
@@ -459,7 +447,6 @@ impl Config {
         EngineOptions {
             cache_capacity: self.cache_capacity_mib * 1024 * 1024,
             commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
-            background_nice: self.background_nice,
         }
     }
 
@@ -478,9 +465,6 @@ impl Config {
 
 /// Longest commit delay accepted: 100 ms.
 pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
-
-/// The highest `background_nice`: Linux's lowest priority.
-pub const MAX_BACKGROUND_NICE: i32 = crate::vault::embedded::priority::MAX_NICE;
 
 /// The most request threads `worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 1024;
@@ -536,31 +520,6 @@ mod tests {
         assert_eq!(cores, available, "0: one per core");
         let e = load("worker_threads = 1025\n").unwrap_err().to_string();
         assert!(e.contains("worker_threads must be at most 1024"), "{e}");
-    }
-
-    #[test]
-    fn background_nice_reaches_the_store_and_is_bounded() {
-        assert_eq!(Config::default().embedded().background_nice, 10);
-        assert_eq!(
-            load("background_nice = 0\n")
-                .unwrap()
-                .embedded()
-                .background_nice,
-            0
-        );
-        assert_eq!(
-            load("background_nice = 19\n")
-                .unwrap()
-                .embedded()
-                .background_nice,
-            19
-        );
-        for bad in ["-1", "20"] {
-            let e = load(&format!("background_nice = {bad}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("background_nice must be from 0 to 19"), "{e}");
-        }
     }
 
     #[test]

@@ -83,11 +83,6 @@ pub struct BenchArgs {
     /// setting; 0: one per core) [default: the setting's]
     #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(u16).range(0..=crate::config::MAX_WORKER_THREADS as i64))]
     worker_threads: Option<u16>,
-    /// In-process server only: the nice value of the engine's flush and
-    /// compaction threads (the `background_nice` setting; 0: the calls'
-    /// priority) [default: the setting's]
-    #[arg(long, conflicts_with = "server", value_parser = clap::value_parser!(i32).range(0..=crate::config::MAX_BACKGROUND_NICE as i64))]
-    background_nice: Option<i32>,
     /// With --server on this machine: the server's process id, to report
     /// its CPU time per call and its memory each round [default with an
     /// in-process server: that server].
@@ -171,7 +166,6 @@ pub fn run(args: BenchArgs) -> ExitCode {
                 worker_threads: args
                     .worker_threads
                     .map_or(defaults.worker_threads, usize::from),
-                background_nice: args.background_nice.unwrap_or(defaults.background_nice),
             };
             match LocalServer::start(args.data_dir.as_deref(), &options) {
                 Ok(s) => {

@@ -26,17 +26,11 @@ use fjall3::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 // fjall 3 gets the same share of the configured cache as fjall 2: its
 // decoded blocks weigh more than they count too.
 use crate::vault::embedded::fjall_engine::{block_cache_bytes, lock};
-use crate::vault::embedded::{
-    export_all, priority, scan_start, take_prefixed, Engine, EngineOptions,
-};
+use crate::vault::embedded::{export_all, scan_start, take_prefixed, Engine, EngineOptions};
 use crate::vault::store::{EngineMemory, Entries, ExportSink, StoreError, Write};
 
 /// The one keyspace the vault's keys live in.
 const KEYSPACE: &str = "vault";
-
-/// The name fjall 3 gives its threads, which flush memtables and compact
-/// (`worker_pool.rs`).
-const WORKER_THREAD: &str = "fjall:worker";
 
 /// One memtable, before it is sealed and flushed: fjall 2's size, where it
 /// was measured (session 8: 4 MiB cost every write 20-30 % more, 64 was no
@@ -74,7 +68,6 @@ impl Engine for Fjall3 {
 
     fn open(dir: &Path, options: &EngineOptions) -> Result<Fjall3, StoreError> {
         let lock = lock(dir)?;
-        let before = priority::threads();
         let db = Database::builder(dir)
             .cache_size(block_cache_bytes(options))
             .open()
@@ -87,7 +80,6 @@ impl Engine for Fjall3 {
                     .filter_block_partitioning_policy(PartitioningPolicy::new(PARTITIONED))
             })
             .map_err(|e| describe_open_error(dir, e))?;
-        priority::lower(&before, &[WORKER_THREAD], options.background_nice);
         Ok(Fjall3 {
             db,
             keyspace,
@@ -209,32 +201,5 @@ mod tests {
         assert!(m.write_buffers > 10_000 * 100, "{m:?}");
         assert_eq!(m.filters, 0);
         assert!(dir.path().join(LOCK_FILE).exists());
-    }
-
-    /// The engine's threads run below the calls unless told otherwise.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_workers_run_at_the_configured_nice_value() {
-        let workers = |background_nice| {
-            let dir = tempfile::tempdir().unwrap();
-            let options = EngineOptions {
-                background_nice,
-                ..EngineOptions::default()
-            };
-            let (_engine, started) =
-                priority::started_by(|| Fjall3::open(dir.path(), &options).unwrap());
-            let nices: Vec<i32> = started
-                .into_iter()
-                .filter(|(name, _)| name == WORKER_THREAD)
-                .map(|(_, nice)| nice)
-                .collect();
-            assert!(!nices.is_empty(), "no {WORKER_THREAD} thread started");
-            nices
-        };
-        let lowered = workers(EngineOptions::default().background_nice);
-        assert!(lowered.iter().all(|&n| n >= 10), "{lowered:?}");
-        let base = priority::own_nice();
-        let same = workers(0);
-        assert!(same.iter().all(|&n| n == base), "{same:?} (base {base})");
     }
 }

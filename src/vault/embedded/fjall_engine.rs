@@ -18,9 +18,7 @@ use std::time::Duration;
 use fjall::{AbstractTree, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use fs2::FileExt;
 
-use crate::vault::embedded::{
-    export_all, priority, scan_start, take_prefixed, Engine, EngineOptions,
-};
+use crate::vault::embedded::{export_all, scan_start, take_prefixed, Engine, EngineOptions};
 use crate::vault::store::{EngineMemory, Entries, ExportSink, StoreError, Write};
 
 /// Held locked while the engine is open.
@@ -30,11 +28,6 @@ pub const LOCK_FILE: &str = "vcn-fjall.lock";
 pub const MARKERS: &[&str] = &["version"];
 /// The one partition the vault's keys live in.
 const PARTITION: &str = "vault";
-
-/// The names fjall 2 gives the threads it starts at open: memtable
-/// flushes, compactions, and the monitor that starts both
-/// (`keyspace.rs`).
-const BACKGROUND_THREADS: &[&str] = &["flusher", "compactor", "monitor"];
 
 /// One open fjall keyspace, its partition, and the directory's lock.
 pub struct Fjall {
@@ -79,7 +72,6 @@ impl Engine for Fjall {
 
     fn open(dir: &Path, options: &EngineOptions) -> Result<Fjall, StoreError> {
         let lock = lock(dir)?;
-        let before = priority::threads();
         let keyspace = fjall::Config::new(dir)
             .cache_size(block_cache_bytes(options))
             .open()
@@ -87,7 +79,6 @@ impl Engine for Fjall {
         let part = keyspace
             .open_partition(PARTITION, PartitionCreateOptions::default())
             .map_err(|e| describe_open_error(dir, e))?;
-        priority::lower(&before, BACKGROUND_THREADS, options.background_nice);
         Ok(Fjall {
             keyspace,
             part,
@@ -201,23 +192,5 @@ mod tests {
         // 10 000 keys at 10 bits or more each.
         assert!(after.filters >= 10_000 * 10 / 8, "{after:?}");
         assert!(after.write_buffers < before.write_buffers, "{after:?}");
-    }
-
-    /// fjall 2's flush, compaction and monitor threads run below the calls.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_background_threads_run_below_the_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_engine, started) =
-            priority::started_by(|| Fjall::open(dir.path(), &EngineOptions::default()).unwrap());
-        for name in BACKGROUND_THREADS {
-            let nices: Vec<i32> = started
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|&(_, nice)| nice)
-                .collect();
-            assert!(!nices.is_empty(), "no {name} thread in {started:?}");
-            assert!(nices.iter().all(|&n| n >= 10), "{name}: {nices:?}");
-        }
     }
 }

@@ -73,7 +73,6 @@ use crate::vault::store::{Decide, EngineMemory, Entries, ExportSink, Store, Stor
 
 pub mod fjall3_engine;
 pub mod fjall_engine;
-pub mod priority;
 pub mod sled_engine;
 
 pub use fjall3_engine::Fjall3;
@@ -322,10 +321,6 @@ pub struct EngineOptions {
     /// a sync of the engine's log) costs the same however many updates it
     /// holds. Zero: take each round at once.
     pub commit_delay: Duration,
-    /// The nice value of the engine's flush and compaction threads
-    /// ([`priority`]): above the request threads' 0, so a compaction takes
-    /// the CPU the calls leave. 0: the same priority as the calls.
-    pub background_nice: i32,
 }
 
 impl Default for EngineOptions {
@@ -333,13 +328,9 @@ impl Default for EngineOptions {
         EngineOptions {
             cache_capacity: 256 * 1024 * 1024,
             commit_delay: DEFAULT_COMMIT_DELAY,
-            background_nice: DEFAULT_BACKGROUND_NICE,
         }
     }
 }
-
-/// The engine threads' nice value unless configured (`background_nice`).
-pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
 
 /// A round's outcome, once the committer has it: None while pending.
 type Outcome = Option<Result<(), StoreError>>;
