@@ -15,7 +15,9 @@ start_server() {
     (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
   done
-  cards=$("$bin" client add bench-cards --role cards 2>/dev/null | tail -1)
-  switch=$("$bin" client add bench-switch --role switch 2>/dev/null | tail -1)
+  # Names of their own: a vault served again already has the last run's.
+  local tag=$RANDOM$RANDOM
+  cards=$("$bin" client add "bench-cards-$tag" --role cards 2>/dev/null | tail -1)
+  switch=$("$bin" client add "bench-switch-$tag" --role switch 2>/dev/null | tail -1)
   sleep 1.5 # clients are picked up within a second
 }
