@@ -7,8 +7,8 @@
 # thread's CPU time before and after: which syscalls the server waits in.
 # Then a control: the same rounds on a new, empty vault, served the same
 # way, right after. The first rounds ran half an hour before the after-fill
-# ones, and this machine's speed drifts over that (session 14: the empty
-# figures of one setting differed by a third between runs), so the p50
+# ones, and this machine's speed drifts over that (session 14: an empty
+# vault's issue p50 ranged 3.60-4.54 ms over one day's runs), so the p50
 # ratios are printed against both: after/first and after/control.
 #
 # usage: benches/scale.sh BINARY ENGINE CARDS OUTDIR
