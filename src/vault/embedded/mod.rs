@@ -1499,8 +1499,6 @@ mod tests {
         [] a_directory_in_use_is_refused,
     );
 
-    /// A new directory records its engine; an existing one opens as what
-    /// it is whatever is asked, also one made before the record existed.
     /// What an engine is shown as (a flag's default) parses back to it.
     #[test]
     fn an_engine_name_shown_parses_back() {
@@ -1510,6 +1508,8 @@ mod tests {
         assert_eq!(EngineKind::default().to_string(), "fjall3");
     }
 
+    /// A new directory records its engine; an existing one opens as what
+    /// it is whatever is asked, also one made before the record existed.
     #[tokio::test]
     async fn a_data_directory_keeps_the_engine_it_was_made_with() {
         let dir = tempfile::tempdir().unwrap();
