@@ -39,9 +39,6 @@ cp vcn.toml "$out/vcn.toml"
 RUST_LOG=warn start_server "$bin" serve.log --config vcn.toml
 vmstat -t 1 >"$out/vmstat.txt" &
 vm=$!
-thread_times() { # each server thread: id, name, user and system ticks
-  cat /proc/$pid/task/*/stat | awk '{print $1, $2, $14, $15}'
-}
 trace_round() { # PHASE: 0 before the fill, 1 after
   until grep -q "detokenize for 5s (phase $1, repeat 1)" "$out/run.txt" 2>/dev/null; do
     sleep 0.5
@@ -60,7 +57,7 @@ VCN_CARDS_KEY=$cards VCN_SWITCH_KEY=$switch "$bin" bench --server "http://127.0.
   --server-pid "$pid" --fill "$cards_n" --settle "${SETTLE:-10m}" --duration 5s --repeat 3 \
   --json-out "$out/run.json" >"$out/run.txt" 2>&1
 status=$?
-echo "server at the end: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s '\t\n' '  ')" >>"$out/run.txt"
+echo "server at the end: $(server_memory)" >>"$out/run.txt"
 kill -TERM "$pid"
 wait "$pid"
 echo "server exit $?" >>"$out/run.txt"

@@ -1,5 +1,6 @@
 # Sourced by the scripts that drive a real `vcn serve` (served.sh,
-# scale.sh): start one, and register the clients the load tool needs.
+# scale.sh, turn.sh): start one, register the clients the load tool needs,
+# and read what the server used.
 
 # start_server BINARY LOG [SERVE ARGS...]: runs `BINARY serve` on a random
 # local port, in the current directory (its vault goes there), stderr to
@@ -20,4 +21,15 @@ start_server() {
   cards=$("$bin" client add "bench-cards-$tag" --role cards 2>/dev/null | tail -1)
   switch=$("$bin" client add "bench-switch-$tag" --role switch 2>/dev/null | tail -1)
   sleep 1.5 # clients are picked up within a second
+}
+
+# thread_times: each thread of the server started last (pid): id, name,
+# user and system CPU in 1/100 s.
+thread_times() {
+  cat /proc/$pid/task/*/stat | awk '{print $1, $2, $14, $15}'
+}
+
+# server_memory: its resident memory now and at its peak, on one line.
+server_memory() {
+  grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s '\t\n' '  '
 }

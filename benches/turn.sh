@@ -9,6 +9,8 @@
 # repeats), and stops the server; the copy is then deleted.
 #
 # usage: benches/turn.sh BINARY VAULT|new OUT [SETTING...]
+# (TOML values: quote strings, e.g. engine='"fjall"'; a new vault is on
+# the default engine unless a SETTING names one)
 # e.g.:  benches/turn.sh target/release/vcn /tmp/scale/vault /tmp/t/a worker_threads=8
 #        benches/turn.sh target/release/vcn new /tmp/t/empty-a
 # OUT.txt gets the load tool's output, with the server's per-thread CPU
@@ -22,7 +24,7 @@ shift 3
 mkdir -p "$(dirname "$out")"
 run=$(mktemp -d "${TMPDIR:-/tmp}/vcn-turn.XXXXXX")
 if [ "$src" = new ]; then
-  printf 'engine = "fjall3"\ndev_keys = true\n' >"$run/vcn.toml"
+  echo 'dev_keys = true' >"$run/vcn.toml"
 else
   cp -a "$src/." "$run/" || exit 1
 fi
@@ -42,12 +44,14 @@ RUST_LOG=warn start_server "$bin" serve.log --config vcn.toml
   VCN_CARDS_KEY=$cards VCN_SWITCH_KEY=$switch "$bin" bench --server "http://127.0.0.1:$port" \
     --server-pid "$pid" --duration 5s --repeat 3 --json-out "$out.json" 2>&1
   status=$?
-  echo "server: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s '\t\n' '  ')"
-  awk '{print $2, $14, $15}' /proc/$pid/task/*/stat |
-    awk '{u[$1] += $2; s[$1] += $3} END {for (k in u) print "server thread CPU", k, u[k], s[k]}' | sort
+  echo "server: $(server_memory)"
+  thread_times |
+    awk '{u[$2] += $3; s[$2] += $4} END {for (k in u) print "server thread CPU", k, u[k], s[k]}' | sort
 } >"$out.txt"
 kill -TERM "$pid"
 wait "$pid"
+# The server's log goes with the copy: keep its end when the turn failed.
+[ "${status:-1}" = 0 ] || tail -5 "$run/serve.log" >>"$out.txt"
 cd / && rm -rf "$run"
 grep -v '^vcn bench:' "$out.txt" | sed -n '/^median of/,$p'
 exit "${status:-1}"
