@@ -3,6 +3,8 @@
 # builds (or two settings) are only comparable when measured in turns, in
 # the same minutes. Each configuration runs ROUNDS times, in turn, with an
 # in-process server; the medians per operation are printed at the end.
+# A run whose load tool failed (errors, or failed consistency checks) is
+# named after the medians, and the script then exits 1.
 #
 # usage: benches/ab.sh ROUNDS OPS "label|ENV=value ...|binary|extra bench args" ...
 # e.g.:  benches/ab.sh 3 health,authorize "before||/tmp/vcn-before|" "after||target/release/vcn|"
@@ -14,13 +16,16 @@ ops=$2
 shift 2
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-for _ in $(seq 1 "$rounds"); do
+failed=()
+for round in $(seq 1 "$rounds"); do
   for cfg in "$@"; do
     IFS="|" read -r label envs bin extra <<<"$cfg"
     # shellcheck disable=SC2086 # envs and extra are word lists
-    env $envs "$bin" bench --ops "$ops" --duration 4s --quiet $extra 2>/dev/null |
+    if ! env $envs "$bin" bench --ops "$ops" --duration 4s --quiet $extra 2>/dev/null |
       grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " |
-      sed "s/^/$label /" >>"$out"
+      sed "s/^/$label /" >>"$out"; then
+      failed+=("$label (round $round)")
+    fi
   done
 done
 python3 - "$out" <<'PY'
@@ -37,3 +42,7 @@ for (label, op), v in sorted(rows.items(), key=lambda x: (x[0][1], x[0][0])):
           f"  server us/call {st.median(x[4] for x in v):5.0f} {[int(x[4]) for x in v]}"
           f"  engine {st.median(x[5] for x in v):4.0f}")
 PY
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "runs whose load tool failed (errors or checks): ${failed[*]}" >&2
+  exit 1
+fi
