@@ -11,6 +11,7 @@
 #        benches/ab.sh 3 health,authorize "d0||target/release/vcn|--commit-delay-us 0" \
 #                                         "d500||target/release/vcn|--commit-delay-us 500"
 set -euo pipefail
+. "$(dirname "$0")/serve_lib.sh"
 rounds=$1
 ops=$2
 shift 2
@@ -22,14 +23,10 @@ for round in $(seq 1 "$rounds"); do
     IFS="|" read -r label envs bin extra <<<"$cfg"
     # shellcheck disable=SC2086 # envs and extra are word lists
     if ! env $envs "$bin" bench --ops "$ops" --duration 4s --quiet $extra 2>/dev/null |
-      grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " |
-      sed "s/^/$label /" >>"$out"; then
+      label_rows "$label" >>"$out"; then
       failed+=("$label (round $round)")
     fi
   done
 done
 python3 "$(dirname "$0")/medians.py" "$out"
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "runs whose load tool failed (errors or checks): ${failed[*]}" >&2
-  exit 1
-fi
+exit_if_failed

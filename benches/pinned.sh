@@ -34,8 +34,7 @@ run() {
   if ! VCN_CARDS_KEY=$cards VCN_SWITCH_KEY=$switch taskset -c "$tool_cpus" "$bin" bench \
     --server "http://127.0.0.1:$port" --server-pid "$pid" --ops "$ops" --duration 4s \
     --quiet 2>/dev/null |
-    grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " |
-    sed "s/^/$label /" >>"$out"; then
+    label_rows "$label" >>"$out"; then
     failed+=("$label (round $round)")
   fi
   kill -TERM "$pid"
@@ -49,7 +48,4 @@ for round in $(seq 1 "$rounds"); do
   run split 0 1
 done
 python3 "$medians" "$out"
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "runs whose load tool failed (errors or checks): ${failed[*]}" >&2
-  exit 1
-fi
+exit_if_failed

@@ -1,6 +1,8 @@
 # Sourced by the scripts that drive a real `vcn serve` (served.sh,
-# scale.sh, turn.sh): start one, register the clients the load tool needs,
-# and read what the server used.
+# scale.sh, turn.sh, pinned.sh): start one, register the clients the load
+# tool needs, and read what the server used; and by those that collect the
+# load tool's result rows (ab.sh, pinned.sh, served.sh): label_rows,
+# exit_if_failed.
 
 # start_server BINARY LOG [SERVE ARGS...]: runs `BINARY serve` on a random
 # local port, in the current directory (its vault goes there), stderr to
@@ -32,4 +34,19 @@ thread_times() {
 # server_memory: its resident memory now and at its peak, on one line.
 server_memory() {
   grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s '\t\n' '  '
+}
+
+# label_rows LABEL: the load tool's result rows from stdin (one per
+# operation), each prefixed with LABEL; fails when there is none.
+label_rows() {
+  grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " | sed "s/^/$1 /"
+}
+
+# exit_if_failed: names the runs in the array `failed` (runs whose load
+# tool reported errors or failed checks) and exits 1, if there are any.
+exit_if_failed() {
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "runs whose load tool failed (errors or checks): ${failed[*]}" >&2
+    exit 1
+  fi
 }

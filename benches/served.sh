@@ -18,7 +18,7 @@ cd "$dir" || exit 1
 RUST_LOG=$level start_server "$bin" "$dir/serve.log"
 VCN_CARDS_KEY=$cards VCN_SWITCH_KEY=$switch "$bin" bench --server "http://127.0.0.1:$port" \
   --server-pid "$pid" --ops "$ops" --duration 4s --quiet 2>&1 |
-  grep -E "^(health|issue|authorize|authorize_hot|detokenize|lifecycle) " | sed "s/^/$label /"
+  label_rows "$label"
 kill -TERM "$pid"
 wait "$pid"
 echo "$label: server exited with $?, $(wc -l <"$dir/serve.log") log lines"
